@@ -1,1 +1,38 @@
-"""hf-freqcompress: make timm and transformers models 10x-1000x smaller."""
+"""hf-freqcompress: make timm and transformers models 10x-1000x smaller.
+
+``compress(model, budget="1/64", method="freshnets")`` swaps the weights of
+conv/linear layers for parametrizations that store a few numbers and rebuild
+the weight on the fly; the model still trains, saves and loads as usual.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .api import compress, decompress, get_reports, materialize
+from .budget import parse_budget
+from .layers import LayerKind, register_layer_kind
+from .methods import HashedNetsConfig, MethodConfig, available_methods, register_method
+from .report import CompressionReport, LayerReport
+
+try:
+    __version__ = version("hf-freqcompress")
+except PackageNotFoundError:  # running from a source tree without installing
+    __version__ = "0.0.0.dev0"
+
+__all__ = [
+    "compress",
+    "materialize",
+    "decompress",
+    "get_reports",
+    "parse_budget",
+    "CompressionReport",
+    "LayerReport",
+    "MethodConfig",
+    "HashedNetsConfig",
+    "available_methods",
+    "register_method",
+    "LayerKind",
+    "register_layer_kind",
+    "__version__",
+]

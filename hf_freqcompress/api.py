@@ -1,0 +1,153 @@
+"""The public entry points: ``compress`` a model in place, ``materialize`` it back."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .budget import Budget, BudgetTooSmallError, LayerDemand, parse_budget, plan_budget
+from .methods import MethodConfig, get_method, resolve_config
+from .report import CompressionReport, LayerReport
+from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, compressed_weights, select_targets
+
+__all__ = ["compress", "materialize", "decompress", "get_reports", "REPORT_ATTRIBUTE"]
+
+REPORT_ATTRIBUTE = "hf_freqcompress_reports"
+"""The model attribute listing one report per ``compress()`` call; ``materialize`` removes it.
+
+A model may be compressed in several calls on disjoint layers (say FreshNets
+on the convolutions, PQ on the fully-connected layers), hence a list."""
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _resolve_storage_dtype(storage_dtype: torch.dtype | str | None, weight_dtype: torch.dtype) -> torch.dtype:
+    if storage_dtype is None:
+        return weight_dtype
+    if isinstance(storage_dtype, str):
+        if storage_dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"unknown storage_dtype {storage_dtype!r}; use one of {sorted(_DTYPES)}")
+        return _DTYPES[storage_dtype.removeprefix("torch.")]
+    if storage_dtype not in _DTYPES.values():
+        raise ValueError(f"storage_dtype {storage_dtype} is not a float dtype; use one of {sorted(_DTYPES)}")
+    return storage_dtype
+
+
+def _plan(
+    budget: Budget,
+    demands: list[LayerDemand],
+    bits_per_value: int,
+    strategy: str | Callable[[Sequence[LayerDemand], int], list[int]],
+) -> list[int]:
+    dense = sum(d.dense_values for d in demands)
+    total = budget.total_values(dense, bits_per_value)
+    try:
+        return plan_budget(demands, total, strategy)
+    except BudgetTooSmallError as error:
+        smallest = budget.describe_values(error.smallest, dense, bits_per_value)
+        raise ValueError(
+            f"budget {budget.text} allows {error.total} stored values for {len(demands)} layers "
+            f"({dense:,} weights), but the smallest feasible budget is {smallest}; "
+            "raise the budget or target fewer layers"
+        ) from None
+
+
+def compress(
+    model: nn.Module,
+    budget: str | float | int | Budget = "1/16",
+    method: str | MethodConfig | dict[str, Any] = "hashednets",
+    targets: Patterns = None,
+    exclude: Patterns = None,
+    seed: int = 0,
+    storage_dtype: torch.dtype | str | None = None,
+    strategy: str | Callable[[Sequence[LayerDemand], int], list[int]] = "proportional",
+    min_layer_values: int = MIN_LAYER_VALUES,
+) -> CompressionReport:
+    """Re-express the conv/linear weights of ``model`` with ``budget`` stored values, in place.
+
+    The targeted weights become parametrizations whose stored tensors are the
+    only trainable numbers left in those layers; the model keeps its class,
+    forward and state_dict conventions. Everything is validated and built
+    before the model is touched, so a failing call leaves it as it was.
+
+    Args:
+        budget: "1/64" or 0.05 (fraction of the targeted weights), an int
+            (stored values), or "2MB" (bytes at ``storage_dtype``).
+        method: a registered name (see ``available_methods()``), a config
+            object such as ``HashedNetsConfig(...)``, or its dict form.
+        targets / exclude: name patterns (exact, dotted suffix, glob or regex,
+            like PEFT's ``target_modules``). By default every supported layer
+            except the classifier head and layers under ``min_layer_values``
+            weights; any explicit ``exclude`` (even ``[]``) drops those defaults.
+        seed: keys every hash, so the same seed gives the same model anywhere.
+        storage_dtype: dtype of stored values in a checkpoint (default: the
+            weights' dtype); it sets ``stored_bytes`` and byte budgets.
+        strategy: how the budget is split per layer ("proportional" or a callable).
+    """
+    config = resolve_config(method)
+    parametrization_class = get_method(config.method)
+    parsed = parse_budget(budget)
+    chosen = select_targets(model, targets, exclude, min_layer_values)
+    dtype = _resolve_storage_dtype(storage_dtype, chosen[0].weight.dtype)
+    bits = torch.finfo(dtype).bits
+    specs = [target.spec() for target in chosen]
+    demands = [
+        LayerDemand(
+            spec.name,
+            spec.numel,
+            parametrization_class.min_values(spec, config),
+            parametrization_class.max_values(spec, config),
+        )
+        for spec in specs
+    ]
+    allocation = _plan(parsed, demands, bits, strategy)
+    parametrizations = [
+        parametrization_class(spec, target.kind, config, values, seed, device=target.weight.device)
+        for spec, target, values in zip(specs, chosen, allocation)
+    ]
+    errors = apply_parametrizations(list(zip(chosen, parametrizations)))
+    rows = []
+    for spec, target, parametrization, error in zip(specs, chosen, parametrizations, errors):
+        original = target.module.parametrizations[target.param_name].original
+        rows.append(
+            LayerReport(
+                name=spec.name,
+                kind=spec.kind,
+                method=config.method,
+                shape=spec.shape,
+                dense_values=spec.numel,
+                stored_values=original.numel() + parametrization.extra_values(),
+                stored_bits=parametrization.stored_bits(original, dtype),
+                cache_bytes=parametrization.cache_bytes(),
+                rel_error=error,
+            )
+        )
+    report = CompressionReport(config.method, parsed.text, int(seed), str(dtype).removeprefix("torch."), rows)
+    setattr(model, REPORT_ATTRIBUTE, [*get_reports(model), report])
+    return report
+
+
+def get_reports(model: nn.Module) -> list[CompressionReport]:
+    """The reports of the ``compress()`` calls applied to ``model``, oldest first."""
+    return list(getattr(model, REPORT_ATTRIBUTE, []))
+
+
+def materialize(model: nn.Module) -> nn.Module:
+    """Bake the dense weights back in and remove every compression parametrization.
+
+    The result is a plain timm/transformers model (original classes, plain
+    Parameters, no attribute of this library) for ``torch.export``,
+    ``save_pretrained`` or any other tool. Works in place and returns ``model``.
+    """
+    for _, module, param_name, _ in compressed_weights(model):
+        if parametrize.is_parametrized(module, param_name):
+            parametrize.remove_parametrizations(module, param_name, leave_parametrized=True)
+    if hasattr(model, REPORT_ATTRIBUTE):
+        delattr(model, REPORT_ATTRIBUTE)
+    return model
+
+
+decompress = materialize

@@ -1,0 +1,109 @@
+"""Deterministic integer hashes, computed in torch.
+
+Hash indices and signs are never stored in a checkpoint: they are rebuilt
+from (seed, layer name, role, flat index) wherever the model is loaded. That
+only works if the hash is bit-identical on CPU and CUDA, in every process and
+across runs, so it is plain integer arithmetic on int64 tensors with every
+intermediate kept below 2**63 (no overflow, no platform-dependent wrap-around,
+no Python ``hash()`` which is salted per process).
+
+The mixer is a 32-bit avalanche function (two xor-shift-multiply rounds,
+constant 0x45d9f3b), a bijection on [0, 2**32) whose output bits each depend
+on every input bit. Indices up to 2**64 are supported by mixing the high word
+into the key first, which costs nothing for tensors below 2**32 elements.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_MULTIPLIER = 0x45D9F3B  # < 2**27, so a 32-bit value times it stays < 2**59
+_CHUNK = 1 << 24  # bounds the int64 temporaries to ~128 MiB per step
+
+__all__ = ["layer_key", "hash32", "bucket_of", "sign_bit", "signed_buckets", "signed_buckets_range"]
+
+
+def _mix32(x):
+    """Avalanche 32-bit values: a Python int, or an int64 tensor updated in place.
+
+    Augmented assignments rebind ints and mutate tensors, so one body serves
+    both; in place halves the memory traffic on large layers.
+    """
+    for _ in range(2):
+        x ^= x >> 16
+        x *= _MULTIPLIER
+        x &= MASK32
+    x ^= x >> 16
+    return x
+
+
+def layer_key(seed: int, name: str, role: str) -> int:
+    """A 32-bit key for one hash function of one layer.
+
+    blake2b of the text makes the key stable across processes and Python
+    versions; ``role`` separates independent functions of the same layer
+    (e.g. "index" and "sign", or one per frequency group).
+    """
+    digest = hashlib.blake2b(f"{int(seed)}\x00{name}\x00{role}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def hash32(index: torch.Tensor, key: int) -> torch.Tensor:
+    """Hash int64 flat indices to uniform values in [0, 2**32) under ``key``.
+
+    h(i) = mix(mix(hi(i) ^ key) ^ lo(i)); for indices below 2**32 the inner
+    mix is a constant, so the common case costs a single mix per element.
+    """
+    if index.dtype != torch.int64:
+        raise TypeError(f"hash32 needs int64 indices, got {index.dtype}")
+    high = index >> 32
+    if index.numel() and bool(high.any()):
+        inner = _mix32(high ^ key)
+    else:
+        inner = _mix32(key & MASK32)
+    return _mix32((index & MASK32) ^ inner)
+
+
+def bucket_of(hashed: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Map uniform 32-bit hashes to [0, buckets) by multiply-shift (no modulo bias beyond 2**-32)."""
+    if not 1 <= buckets < 2**31:
+        raise ValueError(f"bucket count must be in [1, 2**31), got {buckets}")
+    return (hashed * buckets) >> 32
+
+
+def sign_bit(hashed: torch.Tensor) -> torch.Tensor:
+    """0 for +1, 1 for -1: the low bit of an independent hash."""
+    return hashed & 1
+
+
+def signed_buckets(index: torch.Tensor, buckets: int, index_key: int, sign_key: int) -> torch.Tensor:
+    """Bucket and sign of each flat index, folded into one integer in [0, 2 * buckets).
+
+    ``b + buckets * s`` (s = 1 for a negative sign) lets a reconstruction be a
+    single gather from the table ``cat([v, -v])`` and caches in one int32.
+    """
+    folded = bucket_of(hash32(index, index_key), buckets)
+    folded += sign_bit(hash32(index, sign_key)) * buckets
+    return folded
+
+
+def signed_buckets_range(
+    numel: int,
+    buckets: int,
+    index_key: int,
+    sign_key: int,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """:func:`signed_buckets` of 0..numel-1 as int32, chunked so peak memory stays bounded."""
+    if 2 * buckets >= 2**31:
+        raise ValueError(f"{buckets} buckets do not fit an int32 signed index; use fewer than 2**30")
+    out = torch.empty(numel, dtype=torch.int32, device=device)
+    for start in range(0, numel, _CHUNK):
+        stop = min(start + _CHUNK, numel)
+        index = torch.arange(start, stop, dtype=torch.int64, device=device)
+        out[start:stop] = signed_buckets(index, buckets, index_key, sign_key)
+    return out

@@ -1,0 +1,146 @@
+"""What every compression method provides: a config and a parametrization.
+
+A method is a :class:`MethodConfig` dataclass (JSON round trip, validated)
+and a :class:`CompressedWeight` subclass registered for it. The
+parametrization is what ``torch.nn.utils.parametrize`` calls: its
+``original`` is the compressed tensor, ``forward`` rebuilds the dense weight
+and ``right_inverse`` projects a dense weight onto the compressed space.
+Methods only ever see the canonical ``(out, in, *kernel)`` layout; the layer
+kind converts to and from the module's native layout here, once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..layers import LayerKind
+
+__all__ = ["LayerSpec", "MethodConfig", "CompressedWeight"]
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """The facts about one targeted weight that a method may depend on.
+
+    ``name`` is the weight's fully qualified name; it keys the hashes, so a
+    layer hashes identically wherever the model is rebuilt.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    groups: int = 1
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for size in self.shape:
+            n *= size
+        return n
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.shape[2:]
+
+    @property
+    def kernel_numel(self) -> int:
+        return self.numel // (self.shape[0] * self.shape[1])
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's options; subclasses set ``method`` and add fields."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        options = {k: v for k, v in data.items() if k != "method"}
+        unknown = sorted(set(options) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for method {cls.method!r}; valid options: {sorted(fields)}"
+            )
+        return cls(**options)
+
+
+class CompressedWeight(nn.Module):
+    """Base parametrization: layout conversion plus the planning contract.
+
+    Subclasses implement :meth:`reconstruct` (stored -> canonical dense) and
+    :meth:`project` (canonical dense -> stored, least squares where cheap), and
+    the class-level planning hooks :meth:`min_values` / :meth:`max_values`
+    that tell the budget planner what a layer can take.
+    """
+
+    config_class: ClassVar[type[MethodConfig]]
+
+    def __init__(
+        self,
+        spec: LayerSpec,
+        layer_kind: LayerKind,
+        config: MethodConfig,
+        stored_values: int,
+        seed: int,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.layer_kind = layer_kind
+        self.config = config
+        self.planned_values = int(stored_values)
+        self.seed = int(seed)
+
+    # -- parametrize protocol -------------------------------------------------
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.layer_kind.to_native(self.reconstruct(original))
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.project(self.layer_kind.to_canonical(weight))
+
+    # -- what methods implement -----------------------------------------------
+    def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def project(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def min_values(cls, spec: LayerSpec, config: MethodConfig) -> int:
+        """Fewest stored values this layer can be given (extra parameters included)."""
+        return 1
+
+    @classmethod
+    def max_values(cls, spec: LayerSpec, config: MethodConfig) -> int:
+        """Most stored values worth giving this layer; more would not gain accuracy."""
+        return spec.numel
+
+    # -- accounting -----------------------------------------------------------
+    def extra_values(self) -> int:
+        """Numbers this parametrization stores besides ``original`` (e.g. a reconstruction net)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def stored_bits(self, original: torch.Tensor, storage_dtype: torch.dtype) -> int:
+        """Bits the checkpoint spends on this layer at ``storage_dtype``."""
+        bits = torch.finfo(storage_dtype).bits
+        return (original.numel() + self.extra_values()) * bits
+
+    def cache_bytes(self) -> int:
+        """Memory of non-persistent caches (e.g. hash indices), reported, never saved."""
+        return sum(
+            buffer.numel() * buffer.element_size()
+            for name, buffer in self.named_buffers(recurse=False)
+            if name in self._non_persistent_buffers_set
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.name}: {self.spec.shape} -> {self.planned_values} values"

@@ -1,0 +1,113 @@
+"""What ``compress()`` did, layer by layer, in numbers a user can check."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["LayerReport", "CompressionReport"]
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One compressed weight: sizes before and after and the projection error.
+
+    ``rel_error`` is ||W - W_hat|| / ||W|| right after compression, before
+    any fine-tuning: how much of a trained layer survives the projection.
+    """
+
+    name: str
+    kind: str
+    method: str
+    shape: tuple[int, ...]
+    dense_values: int
+    stored_values: int
+    stored_bits: int
+    cache_bytes: int
+    rel_error: float
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_values / max(self.stored_values, 1)
+
+
+@dataclass(frozen=True)
+class CompressionReport:
+    """Totals over the targeted layers plus one :class:`LayerReport` per layer."""
+
+    method: str
+    budget: str
+    seed: int
+    storage_dtype: str
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def dense_values(self) -> int:
+        return sum(layer.dense_values for layer in self.layers)
+
+    @property
+    def stored_values(self) -> int:
+        return sum(layer.stored_values for layer in self.layers)
+
+    @property
+    def stored_bytes(self) -> int:
+        return (sum(layer.stored_bits for layer in self.layers) + 7) // 8
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(layer.cache_bytes for layer in self.layers)
+
+    @property
+    def ratio(self) -> float:
+        return self.dense_values / max(self.stored_values, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "budget": self.budget,
+            "seed": self.seed,
+            "storage_dtype": self.storage_dtype,
+            "dense_values": self.dense_values,
+            "stored_values": self.stored_values,
+            "stored_bytes": self.stored_bytes,
+            "cache_bytes": self.cache_bytes,
+            "layers": [dataclasses.asdict(layer) for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
+        layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
+        return cls(data["method"], data["budget"], data["seed"], data["storage_dtype"], layers)
+
+    def table(self) -> str:
+        """A fixed-width table, one row per layer, totals last (also used in model cards)."""
+        header = ("layer", "kind", "shape", "dense", "stored", "ratio", "rel_err")
+        rows = [
+            (
+                layer.name,
+                layer.kind,
+                "x".join(map(str, layer.shape)),
+                f"{layer.dense_values:,}",
+                f"{layer.stored_values:,}",
+                f"{layer.ratio:.1f}x",
+                f"{layer.rel_error:.3f}",
+            )
+            for layer in self.layers
+        ]
+        rows.append(("total", "", "", f"{self.dense_values:,}", f"{self.stored_values:,}", f"{self.ratio:.1f}x", ""))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+                 for row in [header, *rows]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(len(lines) - 1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        summary = (
+            f"{self.method} at budget {self.budget}: {len(self.layers)} layers, "
+            f"{self.dense_values:,} -> {self.stored_values:,} values ({self.ratio:.1f}x), "
+            f"{self.stored_bytes:,} bytes as {self.storage_dtype}, "
+            f"hash caches {self.cache_bytes:,} bytes (not saved)"
+        )
+        return f"{summary}\n{self.table()}"
