@@ -93,7 +93,7 @@ def compress(
     chosen = select_targets(model, targets, exclude, min_layer_values)
     dtype = _resolve_storage_dtype(storage_dtype, chosen[0].weight.dtype)
     bits = torch.finfo(dtype).bits
-    specs = [target.spec() for target in chosen]
+    specs = [target.spec(bits) for target in chosen]
     demands = [
         LayerDemand(
             spec.name,

@@ -50,13 +50,14 @@ class Target:
     def weight(self) -> torch.Tensor:
         return getattr(self.module, self.param_name)
 
-    def spec(self) -> LayerSpec:
+    def spec(self, storage_bits: int) -> LayerSpec:
         canonical = self.kind.to_canonical(self.weight)
         return LayerSpec(
             name=self.weight_name,
             kind=self.kind.name,
             shape=tuple(canonical.shape),
             groups=int(getattr(self.module, "groups", 1)),
+            storage_bits=storage_bits,
         )
 
 

@@ -28,13 +28,17 @@ class LayerSpec:
     """The facts about one targeted weight that a method may depend on.
 
     ``name`` is the weight's fully qualified name; it keys the hashes, so a
-    layer hashes identically wherever the model is rebuilt.
+    layer hashes identically wherever the model is rebuilt. ``storage_bits``
+    is the width of one stored value in a checkpoint: the planner counts in
+    such values, and methods that store integers or bits (codes, binary
+    filters) convert their allocation with it.
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
     groups: int = 1
+    storage_bits: int = 32
 
     @property
     def numel(self) -> int:
