@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import compress, decompress, get_reports, materialize
+from .api import compress, decompress, finalize, get_reports, materialize, on_train_step
 from .budget import parse_budget
 from .layers import LayerKind, register_layer_kind
 from .methods import HashedNetsConfig, MethodConfig, available_methods, register_method
@@ -25,6 +25,8 @@ __all__ = [
     "materialize",
     "decompress",
     "get_reports",
+    "on_train_step",
+    "finalize",
     "parse_budget",
     "CompressionReport",
     "LayerReport",

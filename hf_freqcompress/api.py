@@ -13,7 +13,7 @@ from .methods import MethodConfig, get_method, resolve_config
 from .report import CompressionReport, LayerReport
 from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, compressed_weights, select_targets
 
-__all__ = ["compress", "materialize", "decompress", "get_reports", "REPORT_ATTRIBUTE"]
+__all__ = ["compress", "materialize", "decompress", "get_reports", "on_train_step", "finalize", "REPORT_ATTRIBUTE"]
 
 REPORT_ATTRIBUTE = "hf_freqcompress_reports"
 """The model attribute listing one report per ``compress()`` call; ``materialize`` removes it.
@@ -151,3 +151,15 @@ def materialize(model: nn.Module) -> nn.Module:
 
 
 decompress = materialize
+
+
+def on_train_step(model: nn.Module, step: int) -> None:
+    """Let every compressed layer advance its training schedule; call after each optimizer step."""
+    for _, _, _, parametrization in compressed_weights(model):
+        parametrization.on_train_step(step)
+
+
+def finalize(model: nn.Module) -> None:
+    """Close every training schedule so storage and optimizer view reach their final size."""
+    for _, _, _, parametrization in compressed_weights(model):
+        parametrization.finalize()

@@ -128,6 +128,13 @@ class CompressedWeight(nn.Module):
         """Most stored values worth giving this layer; more would not gain accuracy."""
         return spec.numel
 
+    # -- training hooks (the training loop calls these through the model) ------
+    def on_train_step(self, step: int) -> None:
+        """Advance a training-time schedule (kept coefficients, annealing) after optimizer step ``step``."""
+
+    def finalize(self) -> None:
+        """End any training-time schedule and shrink storage to its final size (before saving)."""
+
     # -- accounting -----------------------------------------------------------
     def extra_values(self) -> int:
         """Numbers this parametrization stores besides ``original`` (e.g. a reconstruction net)."""
