@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .api import compress, decompress, finalize, get_reports, materialize, on_train_step
 from .budget import parse_budget
+from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
 from .methods import HashedNetsConfig, MethodConfig, available_methods, register_method
 from .report import CompressionReport, LayerReport
@@ -25,6 +26,10 @@ __all__ = [
     "materialize",
     "decompress",
     "get_reports",
+    "save_pretrained",
+    "from_pretrained",
+    "push_to_hub",
+    "push_folder",
     "on_train_step",
     "finalize",
     "parse_budget",

@@ -10,6 +10,7 @@ from torch.nn.utils import parametrize
 
 from .budget import Budget, BudgetTooSmallError, LayerDemand, parse_budget, plan_budget
 from .methods import MethodConfig, get_method, resolve_config
+from .models import RECIPE_ATTRIBUTE
 from .report import CompressionReport, LayerReport
 from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, compressed_weights, select_targets
 
@@ -24,7 +25,8 @@ on the convolutions, PQ on the fully-connected layers), hence a list."""
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _resolve_storage_dtype(storage_dtype: torch.dtype | str | None, weight_dtype: torch.dtype) -> torch.dtype:
+def resolve_storage_dtype(storage_dtype: torch.dtype | str | None, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype stored values take in a checkpoint: ``storage_dtype`` if given, else ``weight_dtype``."""
     if storage_dtype is None:
         return weight_dtype
     if isinstance(storage_dtype, str):
@@ -91,7 +93,7 @@ def compress(
     parametrization_class = get_method(config.method)
     parsed = parse_budget(budget)
     chosen = select_targets(model, targets, exclude, min_layer_values)
-    dtype = _resolve_storage_dtype(storage_dtype, chosen[0].weight.dtype)
+    dtype = resolve_storage_dtype(storage_dtype, chosen[0].weight.dtype)
     bits = torch.finfo(dtype).bits
     specs = [target.spec(bits) for target in chosen]
     demands = [
@@ -145,8 +147,9 @@ def materialize(model: nn.Module) -> nn.Module:
     for _, module, param_name, _ in compressed_weights(model):
         if parametrize.is_parametrized(module, param_name):
             parametrize.remove_parametrizations(module, param_name, leave_parametrized=True)
-    if hasattr(model, REPORT_ATTRIBUTE):
-        delattr(model, REPORT_ATTRIBUTE)
+    for attribute in (REPORT_ATTRIBUTE, RECIPE_ATTRIBUTE):
+        if hasattr(model, attribute):
+            delattr(model, attribute)
     return model
 
 

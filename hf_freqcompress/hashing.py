@@ -60,7 +60,9 @@ def hash32(index: torch.Tensor, key: int) -> torch.Tensor:
     if index.dtype != torch.int64:
         raise TypeError(f"hash32 needs int64 indices, got {index.dtype}")
     high = index >> 32
-    if index.numel() and bool(high.any()):
+    # Meta tensors (a model skeleton being loaded) have no values to inspect;
+    # both branches give the same shape, so either is right there.
+    if index.numel() and not index.is_meta and bool(high.any()):
         inner = _mix32(high ^ key)
     else:
         inner = _mix32(key & MASK32)

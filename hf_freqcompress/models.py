@@ -14,7 +14,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["build_model", "parse_model_args"]
+__all__ = ["build_model", "parse_model_args", "RECIPE_ATTRIBUTE"]
+
+RECIPE_ATTRIBUTE = "hf_freqcompress_recipe"
+"""Set on timm models built here: ``{"name", "kwargs"}``, so a checkpoint can record exactly how to
+rebuild the architecture (timm itself does not keep constructor kwargs). ``materialize`` removes it."""
 
 _HF_AUTO_CLASSES = (
     "AutoModelForImageClassification",
@@ -44,7 +48,9 @@ def _build_timm(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:10]
         raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
-    return timm.create_model(name, pretrained=False, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    setattr(model, RECIPE_ATTRIBUTE, {"name": name, "kwargs": kwargs})
+    return model
 
 
 def _build_transformers(name: str, kwargs: dict[str, Any]) -> nn.Module:

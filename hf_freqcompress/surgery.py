@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,15 @@ from torch.nn.utils import parametrize
 from .layers import LayerKind, find_layer_kind, layer_kinds
 from .methods.base import CompressedWeight, LayerSpec
 
-__all__ = ["Target", "select_targets", "classifier_names", "apply_parametrizations", "compressed_weights"]
+__all__ = [
+    "Target",
+    "select_targets",
+    "targets_by_name",
+    "classifier_names",
+    "apply_parametrizations",
+    "restore_parametrizations",
+    "compressed_weights",
+]
 
 MIN_LAYER_VALUES = 1024
 """By default layers with fewer weights are left dense: their savings are noise."""
@@ -193,6 +201,37 @@ def select_targets(
     return chosen
 
 
+def targets_by_name(model: nn.Module, layers: Sequence[tuple[str, str]]) -> list[Target]:
+    """The weights named in a recorded plan, as ``(weight name, layer kind name)`` pairs.
+
+    Exact names only (no pattern matching, no default exclusions): a loaded
+    checkpoint must compress precisely the layers it was saved with, and any
+    layer the model lacks or that has another kind means the folder was
+    made for another architecture.
+    """
+    chosen = []
+    for weight_name, kind_name in layers:
+        module_name, _, param_name = weight_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            raise ValueError(
+                f"the checkpoint compresses {weight_name!r} but the model has no module {module_name!r}: "
+                "the folder was saved from another architecture"
+            ) from None
+        kind = find_layer_kind(module)
+        if kind is None or kind.name != kind_name or kind.param_name != param_name:
+            found = kind.name if kind else type(module).__name__
+            raise ValueError(
+                f"the checkpoint compresses {weight_name!r} as a {kind_name!r} layer but the model's "
+                f"{module_name!r} is {found!r}: the folder was saved from another architecture"
+            )
+        target = Target(module_name, module, kind)
+        _check_compressible(target)
+        chosen.append(target)
+    return chosen
+
+
 def _is_weighted_leaf(module: nn.Module) -> bool:
     return next(module.children(), None) is None and isinstance(getattr(module, "weight", None), torch.Tensor)
 
@@ -209,7 +248,47 @@ def _check_patterns_used(modules: list[tuple[str, nn.Module]], patterns: list[st
 
 
 def apply_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]]) -> list[float]:
-    """Register every parametrization, or none; returns each layer's relative projection error.
+    """Register every parametrization, or none; returns each layer's relative projection error."""
+    errors: list[float] = []
+
+    def register(i: int, target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
+        parametrize.register_parametrization(target.module, target.param_name, parametrization)
+        errors.append(_relative_error(dense, target.weight))
+
+    _register_all(pairs, register)
+    return errors
+
+
+StoredTensors = torch.Tensor | tuple[torch.Tensor, ...]
+"""What a parametrization's ``right_inverse`` returns: ``original`` or ``original0, original1, ...``."""
+
+
+def restore_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]], stored: Sequence[StoredTensors]) -> None:
+    """Register every parametrization adopting ``stored`` as its storage, without projecting, or none.
+
+    Loading a checkpoint overwrites the storage anyway, so the projection
+    would be wasted work, and many projections (k-means, data-dependent
+    loops) cannot run on the meta tensors of a skeleton model. Registration
+    still runs the parametrization's forward once, so shapes and dtypes are
+    checked against the layer.
+    """
+    def register(i: int, target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
+        parametrization.right_inverse = lambda weight: stored[i]  # shadows the method for this one call
+        try:
+            parametrize.register_parametrization(target.module, target.param_name, parametrization)
+        finally:
+            del parametrization.right_inverse
+
+    if len(stored) != len(pairs):
+        raise ValueError(f"{len(stored)} stored tensors given for {len(pairs)} layers")
+    _register_all(pairs, register)
+
+
+def _register_all(
+    pairs: Sequence[tuple[Target, CompressedWeight]],
+    register: Callable[[int, Target, CompressedWeight, torch.Tensor], None],
+) -> None:
+    """Run ``register`` on every pair, or undo them all if one fails.
 
     The model's weight Parameter is swapped for a detached alias before
     registering, because ``register_parametrization`` reuses (``set_``) the
@@ -217,20 +296,17 @@ def apply_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]]) -> 
     it back untouched.
     """
     done: list[tuple[Target, nn.Parameter]] = []
-    errors: list[float] = []
     try:
-        for target, parametrization in pairs:
+        for i, (target, parametrization) in enumerate(pairs):
             dense = target.weight
             alias = nn.Parameter(dense.detach(), requires_grad=dense.requires_grad)
             target.module._parameters[target.param_name] = alias
             done.append((target, dense))
-            parametrize.register_parametrization(target.module, target.param_name, parametrization)
-            errors.append(_relative_error(dense, target.weight))
+            register(i, target, parametrization, dense)
     except BaseException:
         for target, dense in reversed(done):
             _restore(target, dense)
         raise
-    return errors
 
 
 def _relative_error(dense: torch.Tensor, rebuilt: torch.Tensor) -> float:

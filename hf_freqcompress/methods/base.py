@@ -135,6 +135,25 @@ class CompressedWeight(nn.Module):
     def finalize(self) -> None:
         """End any training-time schedule and shrink storage to its final size (before saving)."""
 
+    # -- loading ----------------------------------------------------------------
+    def rebuild_caches(self, device: torch.device) -> None:
+        """Recompute every non-persistent buffer on ``device``.
+
+        A checkpoint holds only persistent state, and a model is loaded by
+        building it on the meta device first, so non-persistent buffers
+        (hash-index caches, DCT bases) hold no values after loading; the
+        loader calls this on every compressed layer afterwards. The default
+        builds a fresh twin of this layer on ``device`` and adopts its
+        non-persistent buffers, which is right for any method that computes
+        its caches in ``__init__``; methods override it when they can do it
+        more cheaply.
+        """
+        if not self._non_persistent_buffers_set:
+            return
+        twin = type(self)(self.spec, self.layer_kind, self.config, self.planned_values, self.seed, device=device)
+        for name in self._non_persistent_buffers_set:
+            setattr(self, name, getattr(twin, name))
+
     # -- accounting -----------------------------------------------------------
     def extra_values(self) -> int:
         """Numbers this parametrization stores besides ``original`` (e.g. a reconstruction net)."""

@@ -74,6 +74,10 @@ class HashedNetsWeight(CompressedWeight):
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
         return signed_buckets_range(self.spec.numel, self.buckets, self._index_key, self._sign_key, device=device)
 
+    def rebuild_caches(self, device: torch.device) -> None:
+        if self.config.cache_indices:
+            self.signed_index = self._compute_index(device)
+
     def _index(self, device: torch.device) -> torch.Tensor:
         return self.signed_index if self.signed_index is not None else self._compute_index(device)
 

@@ -1,0 +1,342 @@
+"""The checkpoint folder format: ``compression_config.json`` + ``model.safetensors``.
+
+This module knows the files and their validation, nothing about the Hub.
+Everything a folder claims is checked before a tensor reaches a model: the
+JSON schema and format version, that every method is installed, the
+safetensors file's size and SHA-256 (so truncation and corruption are
+caught), and every tensor's presence, shape and dtype against the rebuilt
+skeleton. Reading uses JSON and safetensors only; nothing is unpickled.
+
+Tensors are saved generically from the model's ``state_dict()``: the
+compressed storage of every layer (``<layer>.parametrizations.weight.original``
+and whatever parameters or persistent buffers the method's module holds)
+plus the untargeted parameters and buffers. Floating-point tensors of
+compressed layers are cast to the plan's storage dtype; integer or packed
+data keeps its dtype. Tied tensors are written once and recorded as aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .plan import CompressionPlan
+from .surgery import StoredTensors, compressed_weights
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "CheckpointConfig",
+    "read_config",
+    "tensors_to_save",
+    "write_tensors",
+    "read_header",
+    "stored_storage",
+    "expected_tensors",
+    "check_tensors",
+    "load_tensors",
+]
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "compression_config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+_DTYPES = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}
+
+TensorInfo = tuple[tuple[int, ...], str]
+"""A tensor's (shape, dtype name), as the header states it or the skeleton expects it."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _storage_prefix(weight_name: str) -> str:
+    module_name, _, param_name = weight_name.rpartition(".")
+    return f"{module_name}.parametrizations.{param_name}." if module_name else f"parametrizations.{param_name}."
+
+
+def _storage_dtypes(plans: list[CompressionPlan]) -> dict[str, torch.dtype]:
+    """State-dict key prefix of each compressed layer's storage -> its storage dtype."""
+    return {_storage_prefix(layer.name): plan.storage_dtype for plan in plans for layer in plan.report.layers}
+
+
+def _storage_dtype(key: str, dtypes: dict[str, torch.dtype]) -> torch.dtype | None:
+    """The storage dtype a floating-point tensor ``key`` is saved in, None for untargeted tensors."""
+    return next((dtype for prefix, dtype in dtypes.items() if key.startswith(prefix)), None)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What ``compression_config.json`` holds, validated."""
+
+    library_version: str
+    base_model: dict[str, Any]
+    dtype: str
+    plans: list[CompressionPlan]
+    aliases: dict[str, str]
+    weights_sha256: str
+    weights_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "hf-freqcompress",
+            "library_version": self.library_version,
+            "base_model": self.base_model,
+            "dtype": self.dtype,
+            "compressions": [plan.to_dict() for plan in self.plans],
+            "tied_tensors": self.aliases,
+            "files": {WEIGHTS_NAME: {"size": self.weights_size, "sha256": self.weights_sha256}},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "CheckpointConfig":
+        """Validate every field; ``source`` (the file) is named in each error."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, not {type(data).__name__}")
+        version = _field(data, "format_version", int, source)
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format_version {version}, newer than this hf-freqcompress reads "
+                f"({FORMAT_VERSION}); upgrade hf-freqcompress (pip install -U hf-freqcompress)"
+            )
+        if version < 1 or _field(data, "library", str, source) != "hf-freqcompress":
+            raise ValueError(f"{source} is not an hf-freqcompress checkpoint config")
+        base = _field(data, "base_model", dict, source)
+        if base.get("library") == "timm":
+            _field(base, "name", str, f"{source} base_model")
+            _field(base, "kwargs", dict, f"{source} base_model")
+        elif base.get("library") == "transformers":
+            _field(base, "class", str, f"{source} base_model")
+            _field(base, "config", dict, f"{source} base_model")
+        else:
+            raise ValueError(f"{source} base_model.library must be 'timm' or 'transformers', got {base.get('library')!r}")
+        dtype = _field(data, "dtype", str, source)
+        if dtype not in _DTYPES or not _DTYPES[dtype].is_floating_point:
+            raise ValueError(f"{source} dtype {dtype!r} is not a floating-point dtype name")
+        compressions = _field(data, "compressions", list, source)
+        if not compressions:
+            raise ValueError(f"{source} lists no compression")
+        plans = [CompressionPlan.from_dict(item, f"{source} compressions[{i}]") for i, item in enumerate(compressions)]
+        aliases = _field(data, "tied_tensors", dict, source)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise ValueError(f"{source} tied_tensors must map tensor names to tensor names")
+        weights = _field(_field(data, "files", dict, source), WEIGHTS_NAME, dict, f"{source} files")
+        return cls(
+            library_version=_field(data, "library_version", str, source),
+            base_model=base,
+            dtype=dtype,
+            plans=plans,
+            aliases=aliases,
+            weights_sha256=_field(weights, "sha256", str, f"{source} files.{WEIGHTS_NAME}"),
+            weights_size=_field(weights, "size", int, f"{source} files.{WEIGHTS_NAME}"),
+        )
+
+
+def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = data.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {value!r:.80}")
+    return value
+
+
+def read_config(folder: Path) -> CheckpointConfig:
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {folder} is not an hf-freqcompress checkpoint folder")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupted") from None
+    return CheckpointConfig.from_dict(data, str(path))
+
+
+# -- saving -------------------------------------------------------------------
+
+
+def tensors_to_save(model: nn.Module, plans: list[CompressionPlan]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state, compressed floats cast to their storage dtype, with tied tensors once.
+
+    Returns the tensors to write and ``{alias: saved name}`` for tensors that
+    are the very same tensor as one written earlier (tied embeddings).
+    """
+    storage_dtypes = _storage_dtypes(plans)
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    storages: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
+        if tensor.numel() and identity in seen:
+            aliases[key] = seen[identity]
+            continue
+        seen[identity] = key
+        dtype = _storage_dtype(key, storage_dtypes)
+        saved = tensor.detach().cpu()
+        if dtype is not None and saved.is_floating_point():
+            saved = saved.to(dtype)
+        if saved.untyped_storage().data_ptr() in storages or not saved.is_contiguous():
+            saved = saved.clone(memory_format=torch.contiguous_format)  # safetensors refuses shared memory
+        storages.add(saved.untyped_storage().data_ptr())
+        tensors[key] = saved
+    return tensors, aliases
+
+
+def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> tuple[int, str]:
+    """Write ``tensors`` as safetensors; returns the file's size and SHA-256 for the config."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path.stat().st_size, _sha256(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- loading ------------------------------------------------------------------
+
+
+def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
+    """Every tensor's (shape, dtype) from the safetensors header, after checking size and checksum."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the checkpoint folder is incomplete")
+    size = path.stat().st_size
+    if size != config.weights_size:
+        raise ValueError(
+            f"{path} has {size} bytes but the config records {config.weights_size}: the file is truncated or "
+            "was replaced; download or save it again"
+        )
+    if _sha256(path) != config.weights_sha256:
+        raise ValueError(f"{path} does not match the SHA-256 its config records: the file is corrupted")
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            header = {}
+            for key in file.keys():
+                view = file.get_slice(key)
+                header[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype()))
+    except SafetensorError as error:
+        raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+    return header
+
+
+def stored_storage(plans: list[CompressionPlan], header: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, StoredTensors]:
+    """Meta tensors shaped like each layer's saved ``original`` (or ``original0, original1, ...``).
+
+    They are what each parametrization adopts when the plans are replayed on
+    the skeleton; the values come later from the file.
+    """
+    storage: dict[str, StoredTensors] = {}
+    for plan in plans:
+        for layer in plan.report.layers:
+            prefix = _storage_prefix(layer.name)
+            if prefix + "original" in header:
+                storage[layer.name] = torch.empty(header[prefix + "original"][0], dtype=dtype, device="meta")
+                continue
+            parts = []
+            while f"{prefix}original{len(parts)}" in header:
+                parts.append(torch.empty(header[f"{prefix}original{len(parts)}"][0], dtype=dtype, device="meta"))
+            if not parts:
+                raise ValueError(f"missing tensor {prefix}original: the checkpoint has no storage for layer {layer.name!r}")
+            storage[layer.name] = tuple(parts)
+    return storage
+
+
+def expected_tensors(skeleton: nn.Module, plans: list[CompressionPlan], aliases: dict[str, str]) -> dict[str, TensorInfo]:
+    """What the file must hold for ``skeleton``: every state entry but aliases, at its saved dtype."""
+    storage_dtypes = _storage_dtypes(plans)
+    expected = {}
+    for key, tensor in skeleton.state_dict().items():
+        if key in aliases:
+            continue
+        dtype = tensor.dtype
+        if tensor.is_floating_point():
+            dtype = _storage_dtype(key, storage_dtypes) or dtype
+        expected[key] = (tuple(tensor.shape), dtype_name(dtype))
+    return expected
+
+
+def check_tensors(expected: dict[str, TensorInfo], header: dict[str, TensorInfo], aliases: dict[str, str], path: Path) -> None:
+    """Every expected tensor is in the file with its shape and dtype, and nothing else is."""
+    missing = sorted(set(expected) - set(header))
+    if missing:
+        raise ValueError(f"{path} lacks tensor(s) {missing[:5]} ({len(missing)} in all) that this model needs")
+    unexpected = sorted(set(header) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"{path} holds tensor(s) {unexpected[:5]} ({len(unexpected)} in all) that the model does not have: "
+            "the folder was saved from another architecture"
+        )
+    for key, (shape, dtype) in expected.items():
+        if header[key] != (shape, dtype):
+            raise ValueError(
+                f"{path}: tensor {key!r} is {header[key][1]} {list(header[key][0])}, expected {dtype} {list(shape)}: "
+                "the folder was saved from another architecture or configuration"
+            )
+    dangling = {alias: source for alias, source in aliases.items() if source not in expected}
+    if dangling:
+        raise ValueError(f"tied tensors {dangling} refer to tensors the file does not hold")
+
+
+def load_tensors(
+    skeleton: nn.Module, path: Path, expected: dict[str, TensorInfo], aliases: dict[str, str], device: torch.device
+) -> None:
+    """Fill the (validated) skeleton from the file: assign tensors, re-tie, rebuild caches.
+
+    Tensors are assigned rather than copied (``assign=True``), so meta
+    parameters become real ones without a dense allocation first; stored
+    values are cast to the skeleton's compute dtype.
+    """
+    targets = skeleton.state_dict()
+    state: dict[str, torch.Tensor] = {}
+    with safe_open(str(path), framework="pt", device=str(device)) as file:
+        for key in expected:
+            state[key] = file.get_tensor(key).to(targets[key].dtype)
+    for alias, source in aliases.items():
+        state[alias] = state[source]
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    _retie(skeleton, aliases)
+    for _, _, _, parametrization in compressed_weights(skeleton):
+        parametrization.rebuild_caches(device)
+    _check_no_meta(skeleton)
+    skeleton.to(device)
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias the very Parameter/buffer object of its source again (tied weights stay tied)."""
+    for alias, source in aliases.items():
+        owner_name, _, name = alias.rpartition(".")
+        source_name, _, source_attr = source.rpartition(".")
+        owner, source_owner = model.get_submodule(owner_name), model.get_submodule(source_name)
+        table = "_parameters" if name in owner._parameters else "_buffers"
+        getattr(owner, table)[name] = getattr(source_owner, table)[source_attr]
+
+
+def _check_no_meta(model: nn.Module) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        owners = {type(p).__name__ for _, _, _, p in compressed_weights(model)}
+        raise RuntimeError(
+            f"tensors {left[:5]} hold no values after loading; a non-persistent buffer must be rebuilt by the "
+            f"method's rebuild_caches() (methods in this model: {sorted(owners)})"
+        )
