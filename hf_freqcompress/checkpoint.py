@@ -305,13 +305,16 @@ def load_tensors(
 
     Tensors are assigned rather than copied (``assign=True``), so meta
     parameters become real ones without a dense allocation first; stored
-    values are cast to the skeleton's compute dtype.
+    values are cast to the skeleton's compute dtype. Each tensor gets its own
+    freshly allocated (aligned) memory: safetensors hands out views at
+    arbitrary offsets of one buffer, and CPU kernels choose their summation
+    order by alignment, so a view would change the logits in the last bit.
     """
     targets = skeleton.state_dict()
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as file:
         for key in expected:
-            state[key] = file.get_tensor(key).to(targets[key].dtype)
+            state[key] = file.get_tensor(key).to(targets[key].dtype, copy=True)
     for alias, source in aliases.items():
         state[alias] = state[source]
     skeleton.load_state_dict(state, strict=True, assign=True)

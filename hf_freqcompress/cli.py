@@ -8,6 +8,7 @@ import sys
 from typing import Sequence
 
 from .api import compress
+from .hub import describe_folder, push_folder, save_pretrained
 from .methods import available_methods, get_method
 from .models import build_model, parse_model_args
 
@@ -27,6 +28,20 @@ def _compress_command(args: argparse.Namespace) -> int:
         storage_dtype=args.storage_dtype,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
+    if args.out:
+        folder = save_pretrained(model, args.out, overwrite=args.overwrite)
+        print(f"saved to {folder}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _push_command(args: argparse.Namespace) -> int:
+    url = push_folder(args.dir, args.repo_id, private=args.private or None, revision=args.revision)
+    print(url)
+    return 0
+
+
+def _info_command(args: argparse.Namespace) -> int:
+    print(describe_folder(args.dir))
     return 0
 
 
@@ -44,7 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--storage-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
+    sub.add_argument("--out", metavar="DIR", help="save the compressed model to this checkpoint folder")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder at --out")
     sub.set_defaults(run=_compress_command)
+
+    push = commands.add_parser("push", help="upload a saved checkpoint folder to a Hub repo (created if needed)")
+    push.add_argument("dir", help="folder written by save_pretrained or compress --out")
+    push.add_argument("repo_id", help="user/name on the Hub (HF_ENDPOINT and HF_TOKEN apply)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--revision", default=None, help="branch to commit to")
+    push.set_defaults(run=_push_command)
+
+    info = commands.add_parser("info", help="validate a checkpoint folder and print what it holds")
+    info.add_argument("dir", help="folder written by save_pretrained or compress --out")
+    info.set_defaults(run=_info_command)
     return parser
 
 
@@ -52,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"hf-freqcompress: error: {error}", file=sys.stderr)
         return 2
 
