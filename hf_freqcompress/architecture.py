@@ -110,8 +110,12 @@ def _layout(model: nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
     a compressed model and its bare rebuild compare equal.
     """
     layout: dict[str, tuple[str, tuple[int, ...]]] = {}
+    inside_parametrizations = {
+        id(part) for module in model.modules() if parametrize.is_parametrized(module)
+        for part in module.parametrizations.modules()
+    }
     for name, module in model.named_modules():
-        if isinstance(module, (CompressedWeight, parametrize.ParametrizationList)) or name.endswith(".parametrizations"):
+        if id(module) in inside_parametrizations:
             continue
         cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
         layout[f"module {name or '<root>'}"] = (cls.__qualname__, ())

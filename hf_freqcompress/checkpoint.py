@@ -41,8 +41,7 @@ __all__ = [
     "write_tensors",
     "read_header",
     "stored_storage",
-    "expected_tensors",
-    "check_tensors",
+    "fit_skeleton",
     "load_tensors",
 ]
 
@@ -234,7 +233,9 @@ def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
             header = {}
             for key in file.keys():
                 view = file.get_slice(key)
-                header[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES.get(view.get_dtype(), view.get_dtype()))
+                if view.get_dtype() not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{path}: tensor {key!r} has dtype {view.get_dtype()}, which this loader does not read")
+                header[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     return header
@@ -257,51 +258,68 @@ def stored_storage(plans: list[CompressionPlan], header: dict[str, TensorInfo], 
             while f"{prefix}original{len(parts)}" in header:
                 parts.append(torch.empty(header[f"{prefix}original{len(parts)}"][0], dtype=dtype, device="meta"))
             if not parts:
-                raise ValueError(f"missing tensor {prefix}original: the checkpoint has no storage for layer {layer.name!r}")
+                raise ValueError(f"the checkpoint lacks tensor {prefix}original, the storage of layer {layer.name!r}")
             storage[layer.name] = tuple(parts)
     return storage
 
 
-def expected_tensors(skeleton: nn.Module, plans: list[CompressionPlan], aliases: dict[str, str]) -> dict[str, TensorInfo]:
-    """What the file must hold for ``skeleton``: every state entry but aliases, at its saved dtype."""
-    storage_dtypes = _storage_dtypes(plans)
-    expected = {}
-    for key, tensor in skeleton.state_dict().items():
-        if key in aliases:
-            continue
-        dtype = tensor.dtype
-        if tensor.is_floating_point():
-            dtype = _storage_dtype(key, storage_dtypes) or dtype
-        expected[key] = (tuple(tensor.shape), dtype_name(dtype))
-    return expected
+def fit_skeleton(
+    skeleton: nn.Module,
+    header: dict[str, TensorInfo],
+    plans: list[CompressionPlan],
+    aliases: dict[str, str],
+    path: Path,
+) -> None:
+    """Check the file's tensors against ``skeleton`` and let its modules adapt to them, on meta only.
 
-
-def check_tensors(expected: dict[str, TensorInfo], header: dict[str, TensorInfo], aliases: dict[str, str], path: Path) -> None:
-    """Every expected tensor is in the file with its shape and dtype, and nothing else is."""
-    missing = sorted(set(expected) - set(header))
-    if missing:
+    Runs PyTorch's own load protocol with meta tensors shaped like the file
+    (no data is read), so a method whose state layout changes when it is
+    finalized (selection logits replaced by integer indices, say) adapts in
+    its ``_load_from_state_dict`` exactly as in a plain ``load_state_dict``.
+    Then every tensor's presence, shape and dtype is checked: floating-point
+    storage of compressed layers at its plan's storage dtype, everything
+    else at the skeleton's own dtype.
+    """
+    dangling = {alias: source for alias, source in aliases.items() if source not in header}
+    if dangling:
+        raise ValueError(f"{path}: tied tensors {dangling} refer to tensors the file does not hold")
+    before = skeleton.state_dict()
+    for key in sorted(header.keys() & before.keys()):
+        if header[key][0] != tuple(before[key].shape):
+            raise ValueError(
+                f"{path}: tensor {key!r} has shape {list(header[key][0])} but the model's is {list(before[key].shape)}: "
+                "the folder was saved from another architecture or configuration"
+            )
+    meta = {
+        key: torch.empty(shape, dtype=before[key].dtype if key in before else _DTYPES[dtype], device="meta")
+        for key, (shape, dtype) in header.items()
+    }
+    meta.update({alias: meta[source] for alias, source in aliases.items()})
+    try:
+        result = skeleton.load_state_dict(meta, strict=False, assign=True)
+    except RuntimeError as error:
+        raise ValueError(f"{path} does not fit the model: {error}") from None
+    if result.missing_keys:
+        missing = sorted(result.missing_keys)
         raise ValueError(f"{path} lacks tensor(s) {missing[:5]} ({len(missing)} in all) that this model needs")
-    unexpected = sorted(set(header) - set(expected))
-    if unexpected:
+    if result.unexpected_keys:
+        unexpected = sorted(result.unexpected_keys)
         raise ValueError(
             f"{path} holds tensor(s) {unexpected[:5]} ({len(unexpected)} in all) that the model does not have: "
             "the folder was saved from another architecture"
         )
-    for key, (shape, dtype) in expected.items():
-        if header[key] != (shape, dtype):
+    storage_dtypes = _storage_dtypes(plans)
+    for key, tensor in skeleton.state_dict().items():
+        dtype = (_storage_dtype(key, storage_dtypes) if tensor.is_floating_point() else None) or tensor.dtype
+        if key not in aliases and header[key] != (tuple(tensor.shape), dtype_name(dtype)):
             raise ValueError(
-                f"{path}: tensor {key!r} is {header[key][1]} {list(header[key][0])}, expected {dtype} {list(shape)}: "
-                "the folder was saved from another architecture or configuration"
+                f"{path}: tensor {key!r} is {header[key][1]} {list(header[key][0])}, expected "
+                f"{dtype_name(dtype)} {list(tensor.shape)}: the folder was saved with another configuration"
             )
-    dangling = {alias: source for alias, source in aliases.items() if source not in expected}
-    if dangling:
-        raise ValueError(f"tied tensors {dangling} refer to tensors the file does not hold")
 
 
-def load_tensors(
-    skeleton: nn.Module, path: Path, expected: dict[str, TensorInfo], aliases: dict[str, str], device: torch.device
-) -> None:
-    """Fill the (validated) skeleton from the file: assign tensors, re-tie, rebuild caches.
+def load_tensors(skeleton: nn.Module, path: Path, aliases: dict[str, str], device: torch.device) -> None:
+    """Fill the fitted skeleton from the file: assign tensors, re-tie, rebuild caches.
 
     Tensors are assigned rather than copied (``assign=True``), so meta
     parameters become real ones without a dense allocation first; stored
@@ -310,11 +328,11 @@ def load_tensors(
     arbitrary offsets of one buffer, and CPU kernels choose their summation
     order by alignment, so a view would change the logits in the last bit.
     """
-    targets = skeleton.state_dict()
     state: dict[str, torch.Tensor] = {}
     with safe_open(str(path), framework="pt", device=str(device)) as file:
-        for key in expected:
-            state[key] = file.get_tensor(key).to(targets[key].dtype, copy=True)
+        for key, target in skeleton.state_dict().items():
+            if key not in aliases:
+                state[key] = file.get_tensor(key).to(target.dtype, copy=True)
     for alias, source in aliases.items():
         state[alias] = state[source]
     skeleton.load_state_dict(state, strict=True, assign=True)

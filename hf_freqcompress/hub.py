@@ -33,9 +33,8 @@ from .checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointConfig,
-    check_tensors,
     dtype_name,
-    expected_tensors,
+    fit_skeleton,
     load_tensors,
     read_config,
     read_header,
@@ -124,7 +123,9 @@ def _check_target(target: Path, overwrite: bool) -> None:
             f"{target} is a non-empty folder that is not an hf-freqcompress checkpoint; refusing to replace it"
         )
     if not overwrite:
-        raise FileExistsError(f"{target} already holds a checkpoint; pass overwrite=True to replace it")
+        raise FileExistsError(
+            f"{target} already holds a checkpoint; pass overwrite=True (--overwrite on the command line) to replace it"
+        )
 
 
 @contextmanager
@@ -197,9 +198,8 @@ def from_pretrained(
     build_dtype = next(p.dtype for p in skeleton.parameters() if p.is_floating_point())
     apply_plans(skeleton, config.plans, stored_storage(config.plans, header, build_dtype))
     skeleton.to(getattr(torch, config.dtype))
-    expected = expected_tensors(skeleton, config.plans, config.aliases)
-    check_tensors(expected, header, config.aliases, weights)
-    load_tensors(skeleton, weights, expected, config.aliases, torch.device(device))
+    fit_skeleton(skeleton, header, config.plans, config.aliases, weights)
+    load_tensors(skeleton, weights, config.aliases, torch.device(device))
     return skeleton.eval()
 
 
