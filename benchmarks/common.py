@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -127,10 +128,12 @@ def other_values(model: nn.Module) -> int:
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:
+    """Write the rows as JSON, with the command that produced them (docs quote it)."""
     if out is None:
         return
+    command = " ".join(["python", *sys.argv])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"benchmark": name, "rows": list(rows)}, indent=2) + "\n")
+    out.write_text(json.dumps({"benchmark": name, "command": command, "rows": list(rows)}, indent=2) + "\n")
     print(f"wrote {out}")
 
 
