@@ -30,6 +30,9 @@ from .models import RECIPE_ATTRIBUTE
 
 __all__ = ["describe", "build", "check_rebuild"]
 
+_LOADING_KWARGS = {"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
+"""timm.create_model arguments that would load or download weights (torch.load unpickles): never taken from a file."""
+
 
 def _is_transformers(model: nn.Module) -> bool:
     try:
@@ -89,6 +92,9 @@ def build(record: dict[str, Any]) -> nn.Module:
         if library == "timm":
             import timm
 
+            refused = sorted(_LOADING_KWARGS & set(record["kwargs"]))
+            if refused:
+                raise ValueError(f"base model kwargs {refused} would load weights from elsewhere; refusing them")
             if not timm.is_model(record["name"]):
                 raise ValueError(f"timm has no model {record['name']!r}; is the installed timm older than the saver's?")
             return timm.create_model(record["name"], pretrained=False, **record["kwargs"])

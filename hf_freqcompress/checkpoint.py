@@ -40,7 +40,7 @@ __all__ = [
     "tensors_to_save",
     "write_tensors",
     "read_header",
-    "stored_storage",
+    "storage_placeholders",
     "fit_skeleton",
     "load_tensors",
 ]
@@ -241,7 +241,7 @@ def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
     return header
 
 
-def stored_storage(plans: list[CompressionPlan], header: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, StoredTensors]:
+def storage_placeholders(plans: list[CompressionPlan], header: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, StoredTensors]:
     """Meta tensors shaped like each layer's saved ``original`` (or ``original0, original1, ...``).
 
     They are what each parametrization adopts when the plans are replayed on

@@ -38,7 +38,7 @@ from .checkpoint import (
     load_tensors,
     read_config,
     read_header,
-    stored_storage,
+    storage_placeholders,
     tensors_to_save,
     write_tensors,
 )
@@ -196,7 +196,7 @@ def from_pretrained(
     header = read_header(weights, config)
     skeleton = architecture.build(config.base_model)
     build_dtype = next(p.dtype for p in skeleton.parameters() if p.is_floating_point())
-    apply_plans(skeleton, config.plans, stored_storage(config.plans, header, build_dtype))
+    apply_plans(skeleton, config.plans, storage_placeholders(config.plans, header, build_dtype))
     skeleton.to(getattr(torch, config.dtype))
     fit_skeleton(skeleton, header, config.plans, config.aliases, weights)
     load_tensors(skeleton, weights, config.aliases, torch.device(device))

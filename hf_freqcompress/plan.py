@@ -33,8 +33,7 @@ class CompressionPlan:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        # a dtype name resolves by itself; the fallback weight dtype is never used
-        return resolve_storage_dtype(self.report.storage_dtype, torch.float32)
+        return _dtype_named(self.report.storage_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,7 +52,12 @@ class CompressionPlan:
         if not isinstance(data, dict) or set(data) != keys:
             found = sorted(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"{where} must have exactly the keys {sorted(keys)}; got {found}")
-        config = resolve_config(data["method_config"])
+        if not isinstance(data["method_config"], dict):
+            raise ValueError(f"{where}.method_config must be a JSON object")
+        try:
+            config = resolve_config(data["method_config"])
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: {error}; install the hf-freqcompress version or plugin that saved it") from None
         try:
             report = CompressionReport.from_dict(data["report"])
         except (KeyError, TypeError, AttributeError) as error:
@@ -67,9 +71,13 @@ class CompressionPlan:
             raise ValueError(f"{where}: report method {report.method!r} differs from config method {config.method!r}")
         if not isinstance(report.storage_dtype, str) or type(report.seed) is not int:
             raise ValueError(f"{where}.report needs a storage_dtype name and an int seed")
-        plan = cls(config, report, tuple(planned))
-        plan.storage_dtype  # noqa: B018  (validates the dtype name)
-        return plan
+        _dtype_named(report.storage_dtype)
+        return cls(config, report, tuple(planned))
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    # a dtype name resolves by itself: the weight dtype fallback is never used
+    return resolve_storage_dtype(name, weight_dtype=torch.float32)
 
 
 def plans_of(model: nn.Module) -> list[CompressionPlan]:
@@ -116,7 +124,8 @@ def apply_plans(model: nn.Module, plans: list[CompressionPlan], stored: Mapping[
                     f"the checkpoint compresses {layer.name!r} with shape {tuple(layer.shape)} but the model's "
                     f"weight has shape {spec.shape}: the folder was saved from another architecture"
                 )
-            low, high = parametrization_class.min_values(spec, plan.config), parametrization_class.max_values(spec, plan.config)
+            low = parametrization_class.min_values(spec, plan.config)
+            high = parametrization_class.max_values(spec, plan.config)
             if not low <= values <= high:
                 raise ValueError(
                     f"layer {layer.name!r} is planned {values} values, outside the range [{low}, {high}] "

@@ -345,6 +345,10 @@ def _weights_of_another_model(folder: Path) -> None:
     _rewrite_weights(folder, {k: v.contiguous() for k, v in other.state_dict().items()})
 
 
+def _loading_kwargs(folder: Path) -> None:
+    _edit_config(folder, lambda c: c["base_model"]["kwargs"].update(checkpoint_path="/tmp/evil.pth"))
+
+
 def _newer_format(folder: Path) -> None:
     _edit_config(folder, lambda c: c.update(format_version=99))
 
@@ -393,12 +397,13 @@ BAD_FOLDERS = {
     "other_architecture": (_other_architecture, "another architecture"),
     "other_head": (_other_head, r"head\.bias. has shape \[10\] but the model.s is \[7\].*another architecture"),
     "weights_of_another_model": (_weights_of_another_model, "lacks tensor"),
+    "loading_kwargs": (_loading_kwargs, r"\['checkpoint_path'\] would load weights"),
     "newer_format": (_newer_format, "format_version 99, newer.*upgrade hf-freqcompress"),
     "truncated": (_truncated, "truncated"),
     "flipped_byte": (_flipped_byte, "corrupted"),
     "garbled_header": (_garbled_header, "not a readable safetensors file"),
     "missing_tensor": (_missing_tensor, r"lacks tensor.*blocks\.1\.attn\.proj\.parametrizations\.weight\.original"),
-    "unknown_method": (_unknown_method, "unknown method 'nosuchmethod'"),
+    "unknown_method": (_unknown_method, "unknown method 'nosuchmethod'.*install the hf-freqcompress version"),
     "bad_field": (_bad_field, "planned_values must be a list of ints"),
     "not_json": (_not_json, "not valid JSON"),
 }
