@@ -97,7 +97,9 @@ def build(record: dict[str, Any]) -> nn.Module:
                 raise ValueError(f"base model kwargs {refused} would load weights from elsewhere; refusing them")
             if not timm.is_model(record["name"]):
                 raise ValueError(f"timm has no model {record['name']!r}; is the installed timm older than the saver's?")
-            return timm.create_model(record["name"], pretrained=False, **record["kwargs"])
+            model = timm.create_model(record["name"], pretrained=False, **record["kwargs"])
+            setattr(model, RECIPE_ATTRIBUTE, {"name": record["name"], "kwargs": record["kwargs"]})  # re-saving needs it
+            return model
         if library == "transformers":
             import transformers
 

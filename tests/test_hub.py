@@ -488,7 +488,10 @@ def test_timm_kwargs_are_recovered_or_asked_for(tmp_path):
         save_pretrained(patched, tmp_path / "b")
     assert not (tmp_path / "b").exists()
     folder = save_pretrained(patched, tmp_path / "b", base_model_kwargs={"patch_size": 8})
-    assert torch.equal(_logits(from_pretrained(folder), x), _logits(patched, x))
+    loaded = from_pretrained(folder)
+    assert torch.equal(_logits(loaded, x), _logits(patched, x))
+    resaved = save_pretrained(loaded, tmp_path / "c")  # a loaded model remembers its kwargs
+    assert torch.equal(_logits(from_pretrained(resaved), x), _logits(patched, x))
 
 
 def test_model_card_metadata_and_body(tmp_path):
