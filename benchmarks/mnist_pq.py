@@ -253,7 +253,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         command = " ".join(["python", *sys.argv])
-        args.out.write_text(json.dumps({"benchmark": NAME, "command": command, "rows": [*rows, speed]}, indent=2) + "\n")
+        payload = {"benchmark": NAME, "command": command, "rows": [*rows, speed]}
+        args.out.write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.out}")
 
 

@@ -98,9 +98,11 @@ def test_budget_choice_prefers_more_code_bits_per_weight_then_longer_subvectors(
     layout = choose_layout(spec, PQConfig(), budget_bits=300 * 784)  # 1 bit per weight, minus codebook room
     assert layout.bits(32) <= 300 * 784
     assert layout.rate < 1
-    wider = [d for d in range(1, 17) for k in (2, 4, 8, 16, 32, 64, 128, 256)
-             if PQLayout.of(spec.shape, d, k, 1).rate > layout.rate and PQLayout.of(spec.shape, d, k, 1).bits(32) <= 300 * 784]
-    assert wider == []
+    others = [PQLayout.of(spec.shape, d, 1 << b, 1) for d in range(1, 17) for b in range(1, 9)]
+    finer = [other for other in others if other.rate > layout.rate and other.bits(32) <= 300 * 784]
+    assert finer == []
+    ties = [other for other in others if other.rate == layout.rate and other.bits(32) <= 300 * 784]
+    assert max(other.subvector for other in ties) == layout.subvector
 
 
 def test_fixed_settings_make_a_fixed_cost_and_a_clear_error_when_it_does_not_fit():
