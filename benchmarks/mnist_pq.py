@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import PQConfig, compress
+from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.kmeans import kmeans
 from hf_freqcompress.methods.pq import PQLayout, PQWeight
 from hf_freqcompress.regularizers import get_regularizer
@@ -47,29 +47,17 @@ MODEL = "lenet-300-100"
 
 
 # -- data and training (plain PyTorch, whole dataset in memory) ---------------------------
-def _read_idx(path: Path) -> torch.Tensor:
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).view(*shape)
-
-
-def mnist_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def mnist_tensors(root: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train_x, train_y, test_x, test_y): flattened float32 images in [0, 1] and int64 labels.
 
-    Pixels are scaled, not mean-subtracted (as in the Caffe LeNet recipes):
-    the blank border stays exactly 0, so quantization error on the weights
-    that only ever see blank pixels costs nothing, instead of adding up into
-    a bias shift through a constant -0.42 input.
+    Pixels are scaled, not standardized (as in the Caffe LeNet recipes): the
+    blank border stays exactly 0, so quantization error on the weights that
+    only ever see blank pixels costs nothing, instead of adding up into a
+    bias shift through a constant -0.42 input.
     """
-
-    def split(prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
-        images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz").float().div_(255).flatten(1)
-        labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").long()
-        return images, labels
-
-    return (*split("train"), *split("t10k"))
+    train = mnist_dataset("train", root, flatten=True, normalize=False)
+    test = mnist_dataset("test", root, flatten=True, normalize=False)
+    return (*train.tensors, *test.tensors)
 
 
 def train_classifier(
@@ -197,7 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="same code path, fewer epochs: a few minutes on 2 cores")
     parser.add_argument("--out", type=Path, help="write the JSON rows here")
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/mnist"), help="MNIST IDX gzip folder")
+    parser.add_argument("--data", type=Path, help="MNIST IDX gzip folder (default: the vendored copy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--subvector", type=int, default=4, help="PQ sub-vector length d")
