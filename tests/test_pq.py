@@ -207,4 +207,4 @@ def test_penalty_reclusters_on_schedule_and_vanishes_on_quantized_weights():
     assert not torch.equal(first[0], penalty._layers[0][2])  # call 3: re-fitted
     compress(model, "1/2", PQConfig(subvector=4, k=8), exclude=[])
     materialize(model)  # weights now lie exactly on 8 centroids per layer
-    assert float(PQCentroidPenalty(subvector=4, k=8, exclude=[])(model)) < 1e-8
+    assert float(PQCentroidPenalty(subvector=4, k=8, exclude=[])(model).detach()) < 1e-8
