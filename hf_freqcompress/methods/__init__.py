@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
 from .hashednets import HashedNetsConfig
+from .pq import PQConfig
 from .registry import available_methods, get_method, register_method, resolve_config
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LayerSpec",
     "MethodConfig",
     "HashedNetsConfig",
+    "PQConfig",
     "available_methods",
     "get_method",
     "register_method",
