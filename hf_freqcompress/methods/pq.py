@@ -279,6 +279,11 @@ class PQWeight(CompressedWeight):
     def _refresh_index(self) -> None:
         self.code_index.copy_(self.layout.folded_index(self.codes()))
 
+    def rebuild_caches(self, device: torch.device) -> None:
+        """The gather index derives from the loaded codes, so it is decoded here, not taken from a fresh twin."""
+        self.code_index = torch.empty(self.layout.codes, dtype=torch.int32, device=device)
+        self._refresh_index()
+
     # -- parametrization --------------------------------------------------------
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
         vectors = original.reshape(-1, self.layout.subvector).index_select(0, self.code_index)
