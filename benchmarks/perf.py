@@ -1,0 +1,216 @@
+"""What compression costs at run time, as ratios measured in one run.
+
+For each model and method (at 1/16 unless told otherwise):
+
+- ``train_step_ratio``: forward + backward + SGD step, compressed / dense;
+- ``infer_cached_ratio``: inference under ``parametrize.cached()`` / dense;
+- ``infer_materialized_ratio``: inference after ``materialize`` / dense;
+- ``reconstruct_vs_memcpy``: rebuilding every compressed weight, forward and
+  backward, / copying the same dense weights once (the floor: a weight can
+  never be produced faster than it is written);
+- ``persistent_memory_ratio``: bytes of everything the compressed layers keep
+  (stored values, caches) / ``report.stored_bytes``;
+- ``peak_train_memory_ratio``: peak RSS of a training step, compressed / dense
+  (each measured in a fresh subprocess);
+- ``compress_seconds``: wall time of ``compress()`` on resnet50 and vit_base.
+
+Timings alternate dense and compressed steps and take medians, so machine
+noise hits both sides alike.
+
+    python benchmarks/perf.py --out docs/results/perf.json
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from hf_freqcompress import available_methods, compress, materialize
+from hf_freqcompress.surgery import compressed_weights
+
+from common import benchmark_parser, print_table, write_results
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: str
+    batch: int
+    image: int
+
+
+WORKLOADS = (
+    Workload("resnet18", 32, 128),
+    Workload("vgg11_bn", 16, 128),
+    Workload("vit_small_patch16_224", 8, 224),
+)
+QUICK_WORKLOADS = (Workload("resnet18", 8, 64),)
+COMPRESS_TIMING_MODELS = ("resnet50", "vit_base_patch16_224")
+DEFAULT_METHODS = ("hashednets", "freshnets")
+
+
+def build(workload: Workload) -> nn.Module:
+    return timm.create_model(workload.model, pretrained=False, num_classes=100, img_size=workload.image) \
+        if workload.model.startswith("vit") else timm.create_model(workload.model, pretrained=False, num_classes=100)
+
+
+def inputs_for(workload: Workload) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(workload.batch, 3, workload.image, workload.image, generator=generator)
+    y = torch.randint(0, 100, (workload.batch,), generator=generator)
+    return x, y
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    loss = nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternating_ratio(dense: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
+    """median(other) / median(dense), alternating the two so drift and noise hit both."""
+    dense(), other()  # warm-up: allocator, caches, lazy init
+    dense_times, other_times = [], []
+    for _ in range(repeats):
+        dense_times.append(timed(dense))
+        other_times.append(timed(other))
+    return statistics.median(other_times) / statistics.median(dense_times)
+
+
+def reconstruct_vs_memcpy(model: nn.Module, repeats: int) -> float:
+    """Rebuild all compressed weights (forward + backward) / copy the same number of dense values."""
+    layers = compressed_weights(model)
+    dense = [torch.empty_like(getattr(module, name)) for _, module, name, _ in layers]
+    sources = [torch.randn_like(t) for t in dense]
+
+    def copy_all() -> None:
+        for target, source in zip(dense, sources):
+            target.copy_(source)
+
+    def rebuild_all() -> None:
+        for _, module, name, _ in layers:
+            weight = getattr(module, name)
+            weight.backward(torch.ones_like(weight))
+
+    return alternating_ratio(copy_all, rebuild_all, repeats)
+
+
+def persistent_bytes(model: nn.Module) -> int:
+    """Bytes the compressed layers keep alive: stored tensors and every buffer, caches included."""
+    total = 0
+    for _, module, name, _ in compressed_weights(model):
+        chain = module.parametrizations[name]
+        tensors = [*chain.parameters(), *chain.buffers()]
+        total += sum(t.numel() * t.element_size() for t in tensors)
+    return total
+
+
+def peak_rss_ratio(workload: Workload, method: str, budget: str) -> float:
+    """Peak RSS of a training step in a fresh process, compressed / dense."""
+
+    def peak(compressed_method: str | None) -> int:
+        command = [sys.executable, __file__, "--peak-rss", workload.model, str(workload.batch), str(workload.image),
+                   compressed_method or "dense", budget]
+        return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    return peak(method) / peak(None)
+
+
+def measure_peak_rss(model_name: str, batch: int, image: int, method: str, budget: str) -> None:
+    torch.set_num_threads(2)
+    workload = Workload(model_name, batch, image)
+    model = build(workload)
+    if method != "dense":
+        compress(model, budget=budget, method=method)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, y = inputs_for(workload)
+    for _ in range(2):
+        train_step(model, optimizer, x, y)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool) -> list[dict]:
+    torch.manual_seed(0)
+    dense = build(workload)
+    compressed = copy.deepcopy(dense)
+    report = compress(compressed, budget=budget, method=method)
+    x, y = inputs_for(workload)
+    dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
+    compressed_optimizer = torch.optim.SGD(compressed.parameters(), lr=0.01, momentum=0.9)
+    results = {
+        "train_step_ratio": alternating_ratio(
+            lambda: train_step(dense, dense_optimizer, x, y),
+            lambda: train_step(compressed, compressed_optimizer, x, y),
+            repeats,
+        ),
+        "reconstruct_vs_memcpy": reconstruct_vs_memcpy(compressed, repeats),
+        "persistent_memory_ratio": persistent_bytes(compressed) / report.stored_bytes,
+    }
+    dense.eval(), compressed.eval()
+    with torch.no_grad():
+
+        def cached_inference() -> None:
+            with parametrize.cached():
+                compressed(x)
+
+        results["infer_cached_ratio"] = alternating_ratio(lambda: dense(x), cached_inference, repeats)
+        materialize(compressed)
+        results["infer_materialized_ratio"] = alternating_ratio(lambda: dense(x), lambda: compressed(x), repeats)
+    if with_memory:
+        results["peak_train_memory_ratio"] = peak_rss_ratio(workload, method, budget)
+    return [{"model": workload.model, "method": method, "budget": budget, "metric": metric, "value": round(value, 4)}
+            for metric, value in results.items()]
+
+
+def compress_seconds(model_name: str, method: str, budget: str) -> dict:
+    model = timm.create_model(model_name, pretrained=False)
+    seconds = timed(lambda: compress(model, budget=budget, method=method))
+    return {"model": model_name, "method": method, "budget": budget, "metric": "compress_seconds",
+            "value": round(seconds, 3)}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--peak-rss":
+        model_name, batch, image, method, budget = sys.argv[2:7]
+        measure_peak_rss(model_name, int(batch), int(image), method, budget)
+        return
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--budget", default="1/16")
+    parser.add_argument("--methods", nargs="+", default=[m for m in DEFAULT_METHODS if m in available_methods()])
+    parser.add_argument("--repeats", type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    repeats = args.repeats or (3 if args.quick else 7)
+    rows = []
+    for method in args.methods:
+        for workload in workloads:
+            rows += measure(workload, method, args.budget, repeats, with_memory=not args.quick)
+            print_table(rows, ["model", "method", "budget", "metric", "value"])
+        for model_name in COMPRESS_TIMING_MODELS[:1] if args.quick else COMPRESS_TIMING_MODELS:
+            rows.append(compress_seconds(model_name, method, args.budget))
+    print_table(rows, ["model", "method", "budget", "metric", "value"])
+    write_results("perf", rows, args.out)
+
+
+if __name__ == "__main__":
+    main()
