@@ -145,17 +145,21 @@ def plan(args: argparse.Namespace) -> list[Run]:
         runs += [Run("mlp-784-1000-10", "hashednets", budget), Run("mlp-784-1000-10", "funhash", budget, funhash)]
     runs += [Run("mlp5-784-500-500-500-10", "hashednets", "1/64"),
              Run("mlp5-784-500-500-500-10", "funhash", "1/64", funhash)]
-    for variant in args.variants:
-        runs.append(Run("mlp-784-1000-10", "funhash", "1/64", FunHashConfig.from_dict(json.loads(variant))))
+    # ablations at 1/64: a learned linear g, multiple hashing alone (fixed sum), one space for all layers
+    ablations = [FunHashConfig(reconstruction="linear"), FunHashConfig(reconstruction="sum"),
+                 FunHashConfig(shared_space=True)]
+    ablations += [FunHashConfig.from_dict(json.loads(variant)) for variant in args.variants]
+    runs += [Run("mlp-784-1000-10", "funhash", "1/64", config) for config in ablations]
     return runs
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| model | method | options | budget | stored values | test error % | epochs | seconds |",
+    lines = ["| model | method | options (vs funhash defaults U=4, mlp g) | budget | stored values | test error % | epochs | seconds |",
              "|---|---|---|---|---:|---:|---:|---:|"]
     for row in rows:
         if "test_error_pct" in row:
-            options = ", ".join(f"{k}={v}" for k, v in row.get("config", {}).items() if k != "method")
+            defaults = FunHashConfig().to_dict()
+            options = ", ".join(f"{k}={v}" for k, v in row.get("config", {}).items() if defaults.get(k) != v)
             lines.append(f"| {row['model']} | {row['method']} | {options} | {row['budget']} | "
                          f"{row['stored_values']:,} | {row['test_error_pct']:.2f} | {row['epochs']} | {row['seconds']} |")
     for row in rows:

@@ -207,3 +207,24 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="reconstruction"):
         FunHashConfig(reconstruction="relu")
     assert FunHashConfig.from_dict(FunHashConfig(num_hashes=2).to_dict()) == FunHashConfig(num_hashes=2)
+
+
+def test_mlp_projection_puts_tanh_in_its_curved_range_and_refines_the_fit():
+    import hf_freqcompress.methods.funhash as funhash
+
+    weight = torch.randn(120, 80) * 0.05
+    errors = {}
+    for steps in (0, 1):
+        funhash._GAUSS_NEWTON_STEPS, saved = steps, funhash._GAUSS_NEWTON_STEPS
+        try:
+            layer = build((120, 80), 2000, FunHashConfig())
+            slope_at_init = layer.g.slope(weight)
+            values = layer.project(weight)
+        finally:
+            funhash._GAUSS_NEWTON_STEPS = saved
+        with torch.no_grad():
+            rms = float(torch.stack(layer._columns(values)).pow(2).mean().sqrt())
+        errors[steps] = float(torch.linalg.vector_norm(layer.reconstruct(values) - weight) / weight.norm())
+        assert torch.allclose(layer.g.slope(weight), slope_at_init)  # normalising keeps g's slope at 0
+        assert 0.5 < rms < 3.0
+    assert errors[1] < errors[0] < 1
