@@ -174,11 +174,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 epoch on 10k training images")
     parser.add_argument("--out", type=Path, help="write the JSON rows here")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the MNIST IDX .gz files")
-    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared, loaded CPU")
     parser.add_argument("--timing-steps", type=int, default=30)
     parser.add_argument("--variants", nargs="*", default=[],
                         help='extra funhash configs at 1/64 on 784-1000-10, as JSON: \'{"reconstruction": "linear"}\'')
