@@ -14,10 +14,8 @@ funhash / hashednets on the same network and batch.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import statistics
-import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +25,8 @@ import torch
 from torch import nn
 
 from hf_freqcompress import FunHashConfig, compress
+from hf_freqcompress.data import load_mnist
 
-DEFAULT_DATA = Path("/work/shared/data/mnist")
 NETWORKS = {"mlp-784-1000-10": (784, 1000, 10), "mlp5-784-500-500-500-10": (784, 500, 500, 500, 10)}
 
 
@@ -42,21 +40,10 @@ class Run:
     config: Any = None
 
 
-def _read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (gzip) as a uint8 tensor of its declared shape."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = struct.unpack(f">{dims}I", data[4 : 4 + 4 * dims])
-    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).reshape(shape)
-
-
-def load_mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+def load_flat_mnist(root: Path | None, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened images scaled to [0, 1] and int64 labels."""
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 784).float() / 255
-    labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz").long()
-    return images, labels
+    images, labels = load_mnist(split, root)
+    return images.reshape(-1, 784).float() / 255, labels
 
 
 def build_mlp(sizes: tuple[int, ...], seed: int) -> nn.Sequential:
@@ -173,7 +160,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 epoch on 10k training images")
     parser.add_argument("--out", type=Path, help="write the JSON rows here")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder with the MNIST IDX .gz files")
+    parser.add_argument("--data", type=Path, default=None, help="folder with the MNIST IDX .gz files (default: vendored)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -184,7 +171,7 @@ def main() -> None:
                         help='extra funhash configs at 1/64 on 784-1000-10, as JSON: \'{"reconstruction": "linear"}\'')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    data = {split: load_mnist(args.data, split) for split in ("train", "test")}
+    data = {split: load_flat_mnist(args.data, split) for split in ("train", "test")}
     if args.quick:
         args.epochs, args.timing_steps = 1, 10
         data["train"] = tuple(t[:10_000] for t in data["train"])
