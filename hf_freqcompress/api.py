@@ -110,6 +110,7 @@ def compress(
         parametrization_class(spec, target.kind, config, values, seed, device=target.weight.device)
         for spec, target, values in zip(specs, chosen, allocation)
     ]
+    parametrization_class.prepare_group(parametrizations, [target.kind.to_canonical(target.weight) for target in chosen])
     errors = apply_parametrizations(list(zip(chosen, parametrizations)))
     rows = []
     for spec, target, parametrization, error in zip(specs, chosen, parametrizations, errors):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .funhash import FunHashConfig
 from .hashednets import HashedNetsConfig
 from .pq import PQConfig
 from .registry import available_methods, get_method, register_method, resolve_config
@@ -13,6 +14,7 @@ __all__ = [
     "MethodConfig",
     "HashedNetsConfig",
     "PQConfig",
+    "FunHashConfig",
     "available_methods",
     "get_method",
     "register_method",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -127,6 +127,16 @@ class CompressedWeight(nn.Module):
     def max_values(cls, spec: LayerSpec, config: MethodConfig) -> int:
         """Most stored values worth giving this layer; more would not gain accuracy."""
         return spec.numel
+
+    @classmethod
+    def prepare_group(cls, members: Sequence["CompressedWeight"], weights: Sequence[torch.Tensor]) -> None:
+        """Link the layers of one ``compress()`` call that share stored numbers; default: nothing.
+
+        Called once, after every member is built and before any weight is
+        replaced, with each member's canonical dense weight: a method whose
+        layers share state (FunHashNN's shared space) sizes and fits it here,
+        jointly. Raising here leaves the model untouched.
+        """
 
     # -- training hooks (the training loop calls these through the model) ------
     def on_train_step(self, step: int) -> None:
