@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
 from .hashednets import HashedNetsConfig
+from .freshnets import FreshNetsConfig
 from .registry import available_methods, get_method, register_method, resolve_config
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "LayerSpec",
     "MethodConfig",
     "HashedNetsConfig",
+    "FreshNetsConfig",
     "available_methods",
     "get_method",
     "register_method",
