@@ -197,3 +197,59 @@ def test_dtypes_are_preserved(dtype):
     compress(model, budget="1/4", method="freshnets", exclude=[])
     assert model[0].weight.dtype == dtype
     assert model(torch.randn(1, 4, 5, 5, dtype=dtype)).dtype == dtype
+
+
+@pytest.fixture(scope="module")
+def trained_cnn():
+    """A small CNN really trained on MNIST (4,000 digits, 150 Adam steps, a few seconds): smooth-ish filters."""
+    from hf_freqcompress.data import mnist_dataset
+
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x, y = mnist_dataset("train").tensors
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(256, 10),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        batch = torch.randint(0, 4000, (64,), generator=generator)
+        loss = F.cross_entropy(model(x[batch]), y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("budget", ["1/4", "1/8"])
+def test_projection_of_trained_filters_beats_hashednets(trained_cnn, budget):
+    """Trained filters keep their energy at low frequencies, where FreshNets puts its buckets."""
+    import copy
+
+    errors = {}
+    for method in ("freshnets", "hashednets"):
+        report = compress(copy.deepcopy(trained_cnn), budget=budget, method=method, targets=["0", "3"])
+        errors[method] = [layer.rel_error for layer in report.layers]
+    assert all(f < h - 0.02 for f, h in zip(errors["freshnets"], errors["hashednets"])), errors
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("resnet18", {}), ("vgg11", {"mlp_ratio": 1 / 64}), ("vit_tiny_patch16_224", {"img_size": 32})],
+)
+def test_timm_models_train_with_dct_on_kernels_and_hashednets_elsewhere(name, kwargs):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    report = compress(model, budget="1/64", method="freshnets")
+    assert report.stored_values <= report.dense_values // 64
+    modules = dict(model.named_modules())
+    for layer in report.layers:
+        parametrization = parametrization_of(modules[layer.name.removesuffix(".weight")])
+        has_kernel = len(layer.shape) > 2 and np.prod(layer.shape[2:]) > 1
+        assert bool(parametrization.kernel_dims) == has_kernel, layer.name
+    if name.startswith("vit"):
+        assert parametrization_of(model.patch_embed.proj).kernel_dims == (2, 3)
+    model(torch.randn(2, 3, 32, 32)).logsumexp(1).sum().backward()
+    stored = [p for n, p in model.named_parameters() if n.endswith("original")]
+    assert len(stored) == len(report.layers) and all(p.grad is not None for p in stored)
