@@ -164,8 +164,10 @@ class FreshNetsWeight(HashedNetsWeight):
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
         if not self.kernel_dims:
             return super()._compute_index(device)
-        index_key, sign_key, buckets, offset = self._kernel_tables(device)
         total = self.buckets
+        if 2 * total >= 2**31:
+            raise ValueError(f"layer {self.spec.name!r}: {total} buckets do not fit an int32 signed index; use fewer than 2**30")
+        index_key, sign_key, buckets, offset = self._kernel_tables(device)
 
         def fold(position: torch.Tensor) -> torch.Tensor:  # (filters, kernel_numel) flat positions
             folded = bucket_of(hash32(position, index_key), buckets)
