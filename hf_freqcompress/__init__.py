@@ -13,7 +13,15 @@ from .api import compress, decompress, finalize, get_reports, materialize, on_tr
 from .budget import parse_budget
 from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
-from .methods import FunHashConfig, HashedNetsConfig, MethodConfig, PQConfig, available_methods, register_method
+from .methods import (
+    FreshNetsConfig,
+    FunHashConfig,
+    HashedNetsConfig,
+    MethodConfig,
+    PQConfig,
+    available_methods,
+    register_method,
+)
 from .report import CompressionReport, LayerReport
 
 try:
@@ -39,6 +47,7 @@ __all__ = [
     "HashedNetsConfig",
     "PQConfig",
     "FunHashConfig",
+    "FreshNetsConfig",
     "available_methods",
     "register_method",
     "LayerKind",

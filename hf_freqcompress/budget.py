@@ -17,7 +17,14 @@ from typing import Callable, Sequence
 
 __all__ = [
     "Budget",
-    "BudgetTooSmallError", "parse_budget", "LayerDemand", "plan_proportional", "plan_budget", "PLAN_STRATEGIES"]
+    "BudgetTooSmallError",
+    "parse_budget",
+    "LayerDemand",
+    "split_proportional",
+    "plan_proportional",
+    "plan_budget",
+    "PLAN_STRATEGIES",
+]
 
 _BYTE_UNITS = {
     "b": 1,
@@ -123,23 +130,26 @@ class LayerDemand:
     max_values: int
 
 
-def plan_proportional(layers: Sequence[LayerDemand], total: int) -> list[int]:
-    """Split ``total`` proportionally to dense size, within each layer's [min, max].
+def split_proportional(
+    weights: Sequence[float], total: int, lows: Sequence[int], highs: Sequence[int]
+) -> list[int]:
+    """Integers a_i in [lows[i], highs[i]] summing to ``total``, a_i proportional to weights[i] where free.
 
-    Water-filling: layers whose share falls below their minimum (or above
-    their maximum) are pinned there and the rest is re-split among the
-    others; the final integer split uses largest remainders so the planned
-    total equals ``total`` whenever the maxima allow it.
+    Water-filling: entries whose share falls below their low bound (or above
+    their high bound) are pinned there and the rest is re-split among the
+    others; the final integer split uses largest remainders (ties to the
+    lower index) so the total is exact whenever the bounds allow it, and
+    below it only when every entry sits at its high bound.
     """
     allocation: dict[int, int] = {}
-    active = list(range(len(layers)))
+    active = list(range(len(weights)))
     remaining = total
     while active:
-        weight = sum(layers[i].dense_values for i in active)
-        ideal = {i: remaining * layers[i].dense_values / weight for i in active}
-        pinned = {i: layers[i].min_values for i in active if ideal[i] < layers[i].min_values}
+        weight = sum(weights[i] for i in active)
+        ideal = {i: remaining * weights[i] / weight for i in active}
+        pinned = {i: lows[i] for i in active if ideal[i] < lows[i]}
         if not pinned:
-            pinned = {i: layers[i].max_values for i in active if ideal[i] > layers[i].max_values}
+            pinned = {i: highs[i] for i in active if ideal[i] > highs[i]}
         if not pinned:
             floors = {i: int(math.floor(ideal[i])) for i in active}
             leftover = remaining - sum(floors.values())
@@ -151,7 +161,17 @@ def plan_proportional(layers: Sequence[LayerDemand], total: int) -> list[int]:
         allocation.update(pinned)
         remaining -= sum(pinned.values())
         active = [i for i in active if i not in pinned]
-    return [allocation[i] for i in range(len(layers))]
+    return [allocation[i] for i in range(len(weights))]
+
+
+def plan_proportional(layers: Sequence[LayerDemand], total: int) -> list[int]:
+    """Split ``total`` proportionally to dense size, within each layer's [min, max] (:func:`split_proportional`)."""
+    return split_proportional(
+        [layer.dense_values for layer in layers],
+        total,
+        [layer.min_values for layer in layers],
+        [layer.max_values for layer in layers],
+    )
 
 
 PLAN_STRATEGIES: dict[str, Callable[[Sequence[LayerDemand], int], list[int]]] = {

@@ -16,6 +16,7 @@ into the key first, which costs nothing for tensors below 2**32 elements.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 
 import torch
 
@@ -23,7 +24,8 @@ MASK32 = 0xFFFFFFFF
 _MULTIPLIER = 0x45D9F3B  # < 2**27, so a 32-bit value times it stays < 2**59
 _CHUNK = 1 << 24  # bounds the int64 temporaries to ~128 MiB per step
 
-__all__ = ["layer_key", "hash32", "bucket_of", "sign_bit", "signed_buckets", "signed_buckets_range"]
+__all__ = [
+    "layer_key", "hash32", "bucket_of", "sign_bit", "signed_buckets", "signed_buckets_range", "int32_range_map"]
 
 
 def _mix32(x):
@@ -51,11 +53,14 @@ def layer_key(seed: int, name: str, role: str) -> int:
     return int.from_bytes(digest, "little")
 
 
-def hash32(index: torch.Tensor, key: int) -> torch.Tensor:
+def hash32(index: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
     """Hash int64 flat indices to uniform values in [0, 2**32) under ``key``.
 
     h(i) = mix(mix(hi(i) ^ key) ^ lo(i)); for indices below 2**32 the inner
     mix is a constant, so the common case costs a single mix per element.
+    ``key`` may also be an int64 tensor of 32-bit keys broadcastable to
+    ``index``: one hash function per element (e.g. per frequency group),
+    identical to hashing each element with its own int key.
     """
     if index.dtype != torch.int64:
         raise TypeError(f"hash32 needs int64 indices, got {index.dtype}")
@@ -69,9 +74,15 @@ def hash32(index: torch.Tensor, key: int) -> torch.Tensor:
     return _mix32((index & MASK32) ^ inner)
 
 
-def bucket_of(hashed: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Map uniform 32-bit hashes to [0, buckets) by multiply-shift (no modulo bias beyond 2**-32)."""
-    if not 1 <= buckets < 2**31:
+def bucket_of(hashed: torch.Tensor, buckets: int | torch.Tensor) -> torch.Tensor:
+    """Map uniform 32-bit hashes to [0, buckets) by multiply-shift (no modulo bias beyond 2**-32).
+
+    ``buckets`` may be an int64 tensor broadcastable to ``hashed`` (a bucket
+    count per element); the product stays below 2**63 as long as counts are < 2**31.
+    A tensor of counts is the caller's to validate (once, not per chunk; it may
+    live on the meta device while a model skeleton is built).
+    """
+    if isinstance(buckets, int) and not 1 <= buckets < 2**31:
         raise ValueError(f"bucket count must be in [1, 2**31), got {buckets}")
     return (hashed * buckets) >> 32
 
@@ -103,9 +114,30 @@ def signed_buckets_range(
     """:func:`signed_buckets` of 0..numel-1 as int32, chunked so peak memory stays bounded."""
     if 2 * buckets >= 2**31:
         raise ValueError(f"{buckets} buckets do not fit an int32 signed index; use fewer than 2**30")
-    out = torch.empty(numel, dtype=torch.int32, device=device)
-    for start in range(0, numel, _CHUNK):
-        stop = min(start + _CHUNK, numel)
-        index = torch.arange(start, stop, dtype=torch.int64, device=device)
-        out[start:stop] = signed_buckets(index, buckets, index_key, sign_key)
-    return out
+    return int32_range_map(numel, lambda index: signed_buckets(index, buckets, index_key, sign_key), device=device)
+
+
+def int32_range_map(
+    numel: int,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    row: int = 1,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """``fn(arange(numel).view(-1, row)).view(-1)`` as int32, in chunks of whole rows.
+
+    Chunking keeps the int64 temporaries near ``_CHUNK`` elements however large
+    the tensor. ``fn`` maps int64 flat indices to integers that fit int32,
+    elementwise; ``row`` lets it broadcast small per-column tables (say one
+    hash key per kernel position) against a (rows, row) block of indices
+    instead of gathering them per element.
+    """
+    if row < 1 or numel % row:
+        raise ValueError(f"row length {row} must be >= 1 and divide numel={numel}")
+    rows = numel // row
+    out = torch.empty(rows, row, dtype=torch.int32, device=device)
+    step = max(1, _CHUNK // row)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        out[start:stop] = fn(torch.arange(start * row, stop * row, dtype=torch.int64, device=device).view(-1, row))
+    return out.view(-1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .freshnets import FreshNetsConfig
 from .funhash import FunHashConfig
 from .hashednets import HashedNetsConfig
 from .pq import PQConfig
@@ -15,6 +16,7 @@ __all__ = [
     "HashedNetsConfig",
     "PQConfig",
     "FunHashConfig",
+    "FreshNetsConfig",
     "available_methods",
     "get_method",
     "register_method",
