@@ -171,6 +171,9 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
     resume_dir = resolve_resume(resume_from) if resume_from is not None else None
     trackers = available_trackers(recipe.output.log_with)
     accelerator = Accelerator(
+        # Without cpu=True accelerate treats torchrun's processes on an accelerator-less machine as
+        # independent runs; with it, they form one gloo process group (multi-CPU data parallel).
+        cpu=settings.cpu or not torch.accelerator.is_available(),
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         mixed_precision=settings.mixed_precision,
         log_with=trackers or None,
@@ -183,10 +186,13 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         _load_dense_checkpoint(model, recipe.model.checkpoint)
     teacher = copy.deepcopy(model) if recipe.distillation.enabled else None
     spec = recipe.compression
-    report = compress(
-        model, budget=spec.budget, method={"method": spec.method, **spec.options}, targets=spec.targets,
-        exclude=spec.exclude, seed=spec.seed, storage_dtype=spec.storage_dtype,
-    )
+    try:
+        report = compress(
+            model, budget=spec.budget, method={"method": spec.method, **spec.options}, targets=spec.targets,
+            exclude=spec.exclude, seed=spec.seed, storage_dtype=spec.storage_dtype,
+        )
+    except ValueError as error:
+        raise RecipeError(f"compression: {error}") from None
     train_loader, eval_loader, sampler = build_loaders(recipe.data, settings.seed, model)
     loss_fn = TrainingLoss(
         teacher=teacher.to(accelerator.device) if teacher is not None else None,

@@ -38,6 +38,7 @@ __all__ = [
     "recipe_from_dict",
     "apply_overrides",
     "validate_recipe",
+    "check_data_location",
 ]
 
 
@@ -127,6 +128,8 @@ class TrainingSection:
     mixed_precision: ``no``, ``fp16`` or ``bf16`` (an accelerate config or
         ``accelerate launch --mixed_precision`` overrides it).
     max_grad_norm: clip gradients to this norm (None: no clipping).
+    cpu: train on CPU even when a GPU is present (always so on machines without one).
+    compression_loss_weight: coefficient of the methods' own training penalties.
     """
 
     epochs: int = 1
@@ -140,6 +143,7 @@ class TrainingSection:
     checkpoint_every_steps: int = 0
     eval_every_epochs: int = 1
     compression_loss_weight: float = 1.0
+    cpu: bool = False
 
 
 @dataclass
@@ -253,10 +257,16 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**values)
 
 
-def recipe_from_dict(data: dict[str, Any]) -> Recipe:
-    """A validated :class:`Recipe` from its dict form (unknown keys and wrong types are :class:`RecipeError`)."""
+def recipe_from_dict(data: dict[str, Any], validate: bool = True) -> Recipe:
+    """A :class:`Recipe` from its dict form (unknown keys and wrong types are :class:`RecipeError`).
+
+    ``validate=False`` checks the schema only, not the installation (registered
+    methods, data on disk): for tooling that inspects recipes of methods this
+    installation lacks.
+    """
     recipe = _build(Recipe, data, "")
-    validate_recipe(recipe)
+    if validate:
+        validate_recipe(recipe)
     return recipe
 
 
@@ -286,8 +296,8 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
-    """Read a recipe YAML file, apply ``--set`` overrides, validate it."""
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, validate: bool = True) -> Recipe:
+    """Read a recipe YAML file, apply ``--set`` overrides, validate it (see :func:`recipe_from_dict`)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; recipes/ holds the shipped ones")
@@ -296,7 +306,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     data.setdefault("name", path.stem)
     try:
-        return recipe_from_dict(apply_overrides(data, overrides))
+        return recipe_from_dict(apply_overrides(data, overrides), validate)
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
 
@@ -353,10 +363,11 @@ def validate_recipe(recipe: Recipe) -> None:
             raise RecipeError(
                 f"regularizers[{i}].name {regularizer.name!r} is unknown; available: {available_regularizers()}"
             )
-    _check_data_location(recipe.data)
+    check_data_location(recipe.data)
 
 
-def _check_data_location(data: DataSection) -> None:
+def check_data_location(data: DataSection) -> None:
+    """Fail now, naming the key, if the recipe's data cannot be found (MNIST files, image folders)."""
     from ..data import find_mnist_root
 
     if data.kind == "mnist":
