@@ -78,8 +78,11 @@ def build_loaders(
     train_set = build_dataset(data, data.train_split, train=True, model=model)
     eval_set = build_dataset(data, data.eval_split, train=False, model=model)
     sampler = EpochShuffleSampler(len(train_set), seed)
+    # A private generator: every new iterator draws a worker base seed from it, and drawing from the
+    # global RNG instead would shift dropout's random stream when a resumed run re-creates an iterator.
     train_loader = DataLoader(
-        train_set, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers, drop_last=False
+        train_set, batch_size=data.batch_size, sampler=sampler, num_workers=data.num_workers, drop_last=False,
+        generator=torch.Generator().manual_seed(seed),
     )
     eval_loader = DataLoader(eval_set, batch_size=data.eval_batch_size, shuffle=False, num_workers=data.num_workers)
     return train_loader, eval_loader, sampler
