@@ -239,7 +239,7 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
     start = time.perf_counter()
     stopped = False
     eval_metrics: dict[str, float] = {}
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}
     window_batches = 0
     bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
                desc=recipe.name, dynamic_ncols=True)
@@ -260,8 +260,8 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             progress.batches_in_epoch += 1
-            for key, value in terms.items():
-                window[key] = window.get(key, 0.0) + float(value)
+            for key, value in terms.items():  # tensors: no device sync until a log step
+                window[key] = window[key] + value if key in window else value
             window_batches += 1
             if not accelerator.sync_gradients:
                 continue
@@ -270,9 +270,8 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
             on_train_step(bare_model, progress.global_step)
             bar.update(1)
             if progress.global_step % settings.log_every_steps == 0 or progress.global_step == total_steps:
-                averaged = {k: v / window_batches for k, v in window.items()}
-                averaged = {k: float(v) for k, v in zip(averaged, accelerator.reduce(
-                    torch.tensor(list(averaged.values()), device=accelerator.device), reduction="mean"))}
+                means = accelerator.reduce(torch.stack(list(window.values())).float() / window_batches, "mean")
+                averaged = dict(zip(window, means.tolist()))
                 averaged["lr"] = scheduler.get_last_lr()[0]
                 metrics_log.log(averaged, progress.global_step, epoch)
                 bar.set_postfix(loss=f"{averaged['loss']:.4f}")
