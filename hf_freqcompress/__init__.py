@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import compress, decompress, finalize, get_reports, materialize, on_train_step
+from .api import compress, decompress, finalize, get_reports, materialize, on_train_step, regularization
 from .budget import parse_budget
 from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
@@ -40,6 +40,7 @@ __all__ = [
     "push_folder",
     "on_train_step",
     "finalize",
+    "regularization",
     "parse_budget",
     "CompressionReport",
     "LayerReport",

@@ -14,7 +14,7 @@ from .models import RECIPE_ATTRIBUTE
 from .report import CompressionReport, LayerReport
 from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, compressed_weights, select_targets
 
-__all__ = ["compress", "materialize", "decompress", "get_reports", "on_train_step", "finalize", "REPORT_ATTRIBUTE"]
+__all__ = ["compress", "materialize", "decompress", "get_reports", "on_train_step", "finalize", "regularization", "REPORT_ATTRIBUTE"]
 
 REPORT_ATTRIBUTE = "hf_freqcompress_reports"
 """The model attribute listing one report per ``compress()`` call; ``materialize`` removes it.
@@ -167,3 +167,13 @@ def finalize(model: nn.Module) -> None:
     """Close every training schedule so storage and optimizer view reach their final size."""
     for _, _, _, parametrization in compressed_weights(model):
         parametrization.finalize()
+
+
+def regularization(model: nn.Module) -> torch.Tensor | None:
+    """Sum of every compressed layer's training penalty (``CompressedWeight.regularization``); None if none has one."""
+    total = None
+    for _, module, param_name, parametrization in compressed_weights(model):
+        term = parametrization.regularization(module.parametrizations[param_name].original)
+        if term is not None:
+            total = term if total is None else total + term
+    return total

@@ -45,6 +45,55 @@ def _info_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_command(args: argparse.Namespace) -> int:
+    from .training import load_recipe, train
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = train(recipe, resume_from=args.resume)
+    if args.json and result.accelerator.is_main_process:
+        print(json.dumps({"steps": result.global_step, "stopped": result.stopped, **result.metrics}))
+    return 0
+
+
+_EVAL_SPLITS = {"mnist": "test", "image_folder": "val", "hf": "validation"}
+
+
+def _eval_data(data: str, split: str | None, args: argparse.Namespace):
+    """``mnist``, ``hf:<dataset>`` or an ImageFolder root -> the recipe data section to evaluate on."""
+    from .training.recipe import DataSection, check_data_location
+
+    if data == "mnist":
+        kind, root = "mnist", None
+    elif data.startswith("hf:"):
+        kind, root = "hf", data[3:]
+    else:
+        kind, root = "image_folder", data
+    section = DataSection(
+        kind=kind, root=root, eval_split=split or _EVAL_SPLITS[kind], train_split=split or _EVAL_SPLITS[kind],
+        image_size=args.image_size, eval_batch_size=args.batch_size, limit_eval=args.limit,
+    )
+    check_data_location(section)
+    return section
+
+
+def _eval_command(args: argparse.Namespace) -> int:
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from .hub import from_pretrained
+    from .training import build_dataset, evaluate
+
+    section = _eval_data(args.data, args.split, args)
+    model = from_pretrained(args.dir)
+    dataset = build_dataset(section, section.eval_split, train=False, model=model)
+    accelerator = Accelerator()
+    model, loader = accelerator.prepare(model, DataLoader(dataset, batch_size=section.eval_batch_size))
+    metrics = evaluate(model, loader, accelerator)
+    if accelerator.is_main_process:
+        print(json.dumps({"model": str(args.dir), "data": args.data, "split": section.eval_split, **metrics}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-freqcompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", default=None, help="branch to commit to")
     push.set_defaults(run=_push_command)
+
+    train = commands.add_parser(
+        "train", help="compress, fine-tune, evaluate and save as a YAML recipe says (see recipes/README.md)"
+    )
+    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/mnist_hashednets_quick.yaml")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. training.epochs=3")
+    train.add_argument("--resume", metavar="DIR", help="continue from a save_state folder or a run's output.dir")
+    train.add_argument("--json", action="store_true", help="print the final metrics as one JSON line")
+    train.set_defaults(run=_train_command)
+
+    evaluate = commands.add_parser("eval", help="accuracy of a saved checkpoint folder on a dataset")
+    evaluate.add_argument("dir", help="folder written by save_pretrained or train (<output.dir>/model)")
+    evaluate.add_argument("--data", required=True, help="'mnist', an ImageFolder root, or hf:<dataset name or path>")
+    evaluate.add_argument("--split", help="split / sub-folder (default: test for mnist, val, validation for hf)")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--image-size", type=int, default=224, help="input size for ImageFolder / hf data")
+    evaluate.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    evaluate.set_defaults(run=_eval_command)
 
     info = commands.add_parser("info", help="validate a checkpoint folder and print what it holds")
     info.add_argument("dir", help="folder written by save_pretrained or compress --out")

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from . import zoo  # noqa: F401  registers the MNIST networks (timm:mnist_mlp, timm:mnist_lenet) in timm
+
 __all__ = ["build_model", "parse_model_args", "RECIPE_ATTRIBUTE"]
 
 RECIPE_ATTRIBUTE = "hf_freqcompress_recipe"

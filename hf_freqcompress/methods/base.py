@@ -145,6 +145,16 @@ class CompressedWeight(nn.Module):
     def finalize(self) -> None:
         """End any training-time schedule and shrink storage to its final size (before saving)."""
 
+    def regularization(self, original: torch.Tensor) -> torch.Tensor | None:
+        """A loss term the method wants minimised during training (None: no term).
+
+        ``original`` is this layer's stored tensor. The training loop adds the
+        sum over layers (:func:`hf_freqcompress.regularization`) times the
+        recipe's coefficient, so a method with a training-time penalty needs
+        no code in the loop.
+        """
+        return None
+
     # -- loading ----------------------------------------------------------------
     def rebuild_caches(self, device: torch.device) -> None:
         """Recompute every non-persistent buffer on ``device``.

@@ -1,0 +1,101 @@
+"""Small MNIST networks registered in timm's model registry.
+
+Recipes, tests and the README's first command train on MNIST on a laptop CPU,
+so they need networks far smaller than anything timm ships. Registering them
+with timm's ``@register_model`` (instead of a private class) means they are
+built by name like every other model, ``timm:mnist_mlp`` works in recipes and
+on the command line, and ``save_pretrained`` / ``from_pretrained`` rebuild
+them through the same timm path as a ResNet. Importing ``hf_freqcompress``
+registers them.
+
+- ``mnist_mlp``: LeNet-300-100 (784-300-100-10), the MLP of the HashedNets,
+  FunHashNN and PQ papers' MNIST experiments (266k weights).
+- ``mnist_lenet``: LeNet-5 as in Caffe (conv 20 5x5, conv 50 5x5, fc 500, fc
+  10; 431k weights), for the convolutional methods (FreshNets, binary_stack).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+__all__ = ["MnistMLP", "MnistLeNet", "MNIST_PRETRAINED_CFG"]
+
+MNIST_PRETRAINED_CFG: dict[str, Any] = {
+    "input_size": (1, 28, 28),
+    "mean": (0.1307,),
+    "std": (0.3081,),
+    "num_classes": 10,
+    "crop_pct": 1.0,
+    "interpolation": "bilinear",
+}
+"""What timm's ``resolve_data_config`` reads: MNIST's size and the normalization data.py applies."""
+
+
+class _MnistClassifier(nn.Module):
+    """Shared timm conventions: ``num_classes``, ``get_classifier()``, a ``pretrained_cfg``."""
+
+    def __init__(self, architecture: str, num_classes: int, in_chans: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.pretrained_cfg = {**MNIST_PRETRAINED_CFG, "architecture": architecture, "num_classes": num_classes}
+        self.head: nn.Linear
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+class MnistMLP(_MnistClassifier):
+    """784-300-100-10 with ReLU; takes (N, 1, 28, 28) images (or anything with 784 values per row)."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, hidden: tuple[int, ...] = (300, 100),
+                 drop_rate: float = 0.0) -> None:
+        super().__init__("mnist_mlp", num_classes, in_chans)
+        widths = [in_chans * 28 * 28, *hidden]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for width_in, width_out in zip(widths, widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(drop_rate)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class MnistLeNet(_MnistClassifier):
+    """LeNet-5 (Caffe variant): two 5x5 conv + max-pool stages, fc 500, fc ``num_classes``."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, drop_rate: float = 0.0) -> None:
+        super().__init__("mnist_lenet", num_classes, in_chans)
+        self.features = nn.Sequential(
+            nn.Conv2d(in_chans, 20, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(20, 50, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(50 * 4 * 4, 500), nn.ReLU(), nn.Dropout(drop_rate),
+        )
+        self.head = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _no_weights(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop timm's factory arguments; these networks have no pretrained weights to load."""
+    if pretrained:
+        raise ValueError(f"{name} has no pretrained weights; build it with pretrained=False and train it")
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+@register_model
+def mnist_mlp(pretrained: bool = False, **kwargs: Any) -> MnistMLP:
+    return MnistMLP(**_no_weights("mnist_mlp", pretrained, kwargs))
+
+
+@register_model
+def mnist_lenet(pretrained: bool = False, **kwargs: Any) -> MnistLeNet:
+    return MnistLeNet(**_no_weights("mnist_lenet", pretrained, kwargs))
