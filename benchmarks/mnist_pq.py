@@ -20,95 +20,25 @@ quantization + Huffman coding).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from hf_freqcompress import PQConfig, compress
-from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.kmeans import kmeans
 from hf_freqcompress.methods.pq import PQLayout, PQWeight
 from hf_freqcompress.regularizers import get_regularizer
 from hf_freqcompress.surgery import select_targets
 
+from common import benchmark_parser, mnist_tensors, print_table, test_error_pct, train_classifier, write_results
+
 NAME = "mnist_pq"
 MODEL = "lenet-300-100"
-
-
-# -- data and training (plain PyTorch, whole dataset in memory) ---------------------------
-def mnist_tensors(root: Path | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train_x, train_y, test_x, test_y): flattened float32 images in [0, 1] and int64 labels.
-
-    Pixels are scaled, not standardized (as in the Caffe LeNet recipes): the
-    blank border stays exactly 0, so quantization error on the weights that
-    only ever see blank pixels costs nothing, instead of adding up into a
-    bias shift through a constant -0.42 input.
-    """
-    train = mnist_dataset("train", root, flatten=True, normalize=False)
-    test = mnist_dataset("test", root, flatten=True, normalize=False)
-    return (*train.tensors, *test.tensors)
-
-
-def train_classifier(
-    model: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    seed: int,
-    batch_size: int = 128,
-    extra_loss: Callable[[int], torch.Tensor] | None = None,
-    adam: bool = False,
-) -> float:
-    """SGD with Nesterov momentum (or Adam) and a cosine schedule; ``extra_loss(step)`` is added to the loss.
-
-    Fine-tuning uses Adam: a codebook entry's gradient sums over every
-    sub-vector assigned to it, so its scale varies by orders of magnitude
-    across entries and layers, which plain SGD does not survive.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if adam:
-        optimizer = torch.optim.Adam(params, lr=lr)
-    else:
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
-    total_steps = epochs * math.ceil(len(train_x) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
-    start_time = time.perf_counter()
-    step = 0
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(train_x), generator=generator)
-        for start in range(0, len(train_x), batch_size):
-            batch = order[start : start + batch_size]
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
-            if extra_loss is not None:
-                loss = loss + extra_loss(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-    return time.perf_counter() - start_time
-
-
-def test_error_pct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad(), parametrize.cached():
-        wrong = int((model(x).argmax(1) != y).sum())
-    return 100.0 * wrong / len(x)
 
 
 # -- the experiment -------------------------------------------------------------------
@@ -166,7 +96,7 @@ def quantize_and_finetune(label: str, base: nn.Module, data, config: PQConfig, a
                   rel_error=round(sum(layer.rel_error for layer in report.layers) / len(report.layers), 4))
     rows = [row(label, model, data, epochs=epochs_so_far, seconds=seconds, finetuned=False, **common)]
     seconds += train_classifier(model, data[0], data[1], epochs=args.finetune_epochs, lr=args.finetune_lr,
-                                seed=args.seed + 2, adam=True)
+                                seed=args.seed + 2, optimizer="adam")
     rows.append(row(label, model, data, epochs=epochs_so_far + args.finetune_epochs, seconds=seconds,
                     finetuned=True, **common))
     return rows
@@ -182,18 +112,13 @@ def kmeans_speed_row(args) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="same code path, fewer epochs: a few minutes on 2 cores")
-    parser.add_argument("--out", type=Path, help="write the JSON rows here")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--data", type=Path, help="MNIST IDX gzip folder (default: the vendored copy)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--subvector", type=int, default=4, help="PQ sub-vector length d")
     parser.add_argument("--k", type=int, default=8, help="PQ centroids per codebook")
     parser.add_argument("--lam", type=float, default=1.0, help="regularizer weight (ramped up from lam/100)")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of codebook fine-tuning")
-    parser.add_argument("--epochs", type=int, help="dense epochs before the branches")
     parser.add_argument("--reg-epochs", type=int, help="epochs of each branch (with / without the penalty)")
     parser.add_argument("--finetune-epochs", type=int, help="codebook fine-tuning epochs after PQ")
     args = parser.parse_args()
@@ -201,7 +126,10 @@ def main() -> None:
     args.epochs = args.epochs or (2 if args.quick else 10)
     args.reg_epochs = args.reg_epochs or (1 if args.quick else 10)
     args.finetune_epochs = args.finetune_epochs or (1 if args.quick else 3)
-    data = mnist_tensors(args.data)
+    # Pixels are scaled, not standardized (as in the Caffe LeNet recipes): the
+    # blank border stays exactly 0, so quantization error on weights that only
+    # ever see blank pixels costs nothing instead of adding up into a bias shift.
+    data = mnist_tensors(flatten=True, normalize=False, root=args.data)
     config = PQConfig(subvector=args.subvector, k=args.k, codebooks=1)
 
     torch.manual_seed(args.seed)
@@ -229,27 +157,10 @@ def main() -> None:
                                   f"pq_centroid(lam={args.lam})")
     speed = kmeans_speed_row(args)
 
-    columns = ["method", "finetuned", "subvector", "k", "stored_bits", "storage_ratio", "rel_error",
-               "test_error_pct", "epochs", "seconds"]
-    table = [columns, *[[_cell(r.get(c)) for c in columns] for r in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for i, line in enumerate(table):
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(rows, ["method", "finetuned", "subvector", "k", "stored_bits", "storage_ratio", "rel_error",
+                       "test_error_pct", "epochs", "seconds"])
     print(f"k-means d=4 k=256 on a 4096x4096 matrix ({args.threads} threads): {speed['value']} s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        command = " ".join(["python", *sys.argv])
-        payload = {"benchmark": NAME, "command": command, "rows": [*rows, speed]}
-        args.out.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"wrote {args.out}")
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
-    return "" if value is None else str(value)
+    write_results(NAME, [*rows, speed], args.out)
 
 
 if __name__ == "__main__":

@@ -23,14 +23,12 @@ noise hits both sides alike.
 from __future__ import annotations
 
 import copy
-import json
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import timm
