@@ -69,6 +69,12 @@ def _count_by_index_sum(shape: tuple[int, ...]) -> torch.Tensor:
     return counts
 
 
+def _level_bound(shape: tuple[int, ...], cumulative: torch.Tensor, count: int) -> tuple[int, ...]:
+    """The box [0, min(n_d, s + 1)) for the smallest level s with #(index sum <= s) >= count."""
+    level = int(torch.searchsorted(cumulative, count))
+    return tuple(min(n, level + 1) for n in shape)
+
+
 def zigzag_prefix(shape: tuple[int, ...], count: int) -> tuple[tuple[int, ...], torch.Tensor]:
     """The corner box holding the first ``count`` zigzag positions of ``shape``, and those positions in it.
 
@@ -82,8 +88,7 @@ def zigzag_prefix(shape: tuple[int, ...], count: int) -> tuple[tuple[int, ...], 
     numel = math.prod(shape)
     if not 1 <= count <= numel:
         raise ValueError(f"a zigzag prefix of shape {shape} keeps 1..{numel} coefficients, got {count}")
-    level = int(torch.searchsorted(_count_by_index_sum(shape).cumsum(0), count))
-    bound = tuple(min(n, level + 1) for n in shape)
+    bound = _level_bound(shape, _count_by_index_sum(shape).cumsum(0), count)
     order = zigzag_order(bound)[:count]
     index = torch.unravel_index(order, bound)
     box = tuple(int(i.max()) + 1 for i in index)
@@ -149,38 +154,69 @@ class FreqRegWeight(CompressedWeight):
             self.start = max(self.final, math.ceil(config.start_fraction * spec.numel))
         else:
             self.start = self.final
+        self.stored = self.start
         self.register_buffer("kept", torch.tensor(self.start, dtype=torch.int64, device=device))
-        self.box: tuple[int, ...] = ()
         self.register_buffer("positions", None, persistent=False)
-        self._adopt(self.start, device)
+        self.box: tuple[int, ...] = ()
+        self._kept_count = self.start  # Python mirror of `kept`, so stepping never syncs with the device
+        self._cumulative = _count_by_index_sum(spec.shape).cumsum(0) if self.start > self.final else None
+        self._lay_out(self.start, device)
+
+    def _lay_out(self, count: int, device: torch.device | None) -> None:
+        """Scatter positions for the first ``count`` coefficients, and their corner box.
+
+        During the schedule the layout follows ``kept`` down (:meth:`_follow`),
+        so the IDCT works on a corner that shrinks with it instead of the
+        start-size one.
+        """
+        self.box, positions = zigzag_prefix(self.spec.shape, count)
+        self.positions = positions if device is None else positions.to(device)
+
+    def _layout_count(self, kept: int) -> int:
+        """Coefficients laid out while ``kept`` are: all up to index sum 2^j - 1 >= the level of ``kept``.
+
+        A pure function of ``kept`` (a resumed model computes bit-identical
+        weights), and each rung halves the corner along every truncated dim,
+        so the layout changes only ~log2(sum of dims) times over a schedule.
+        """
+        level = int(torch.searchsorted(self._cumulative, kept))
+        rung = min(2 ** math.ceil(math.log2(level + 1)) - 1, len(self._cumulative) - 1)
+        return min(self.stored, int(self._cumulative[rung]))
+
+    def _follow(self, kept: int) -> None:
+        """Set the schedule's kept count and cut the layout to its rung."""
+        self._kept_count = kept
+        self.kept.fill_(kept)
+        count = self._layout_count(kept)
+        if count != self.positions.numel():
+            self._lay_out(count, self.positions.device)
 
     def _adopt(self, count: int, device: torch.device | None) -> None:
-        """Lay out a stored prefix of ``count`` coefficients (the schedule's start or the final one)."""
+        """Take storage of ``count`` coefficients: the schedule's start (mid-schedule checkpoint) or the final one."""
         if count not in (self.start, self.final):
             raise ValueError(
                 f"layer {self.spec.name!r}: the stored tensor has {count} coefficients, but this freqreg layer "
                 f"keeps {self.final} (or {self.start} during its schedule): build it with the plan it was saved with"
             )
-        self.box, positions = zigzag_prefix(self.spec.shape, count)
-        self.positions = positions if device is None else positions.to(device)
-
-    @property
-    def scheduling(self) -> bool:
-        """Whether the stored tensor still holds the schedule's start-size prefix."""
-        return self.positions.numel() > self.final
+        self.stored = count
+        self._lay_out(count, device)
 
     # -- parametrization ------------------------------------------------------
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        if original.shape[0] != self.positions.numel():  # a checkpoint's storage, or finalized
+        if original.shape[0] != self.stored:  # a checkpoint's storage
             self._adopt(original.shape[0], original.device)
-        coefficients = original
-        if self.scheduling:
-            coefficients = original * (torch.arange(original.shape[0], device=original.device) < self.kept)
+        count = self.positions.numel()
+        coefficients = original[:count]
+        if count > self.final:  # the schedule runs: coefficients past `kept` are dropped (and get no gradient)
+            coefficients = coefficients * (torch.arange(count, device=original.device) < self.kept)
         corner = original.new_zeros(math.prod(self.box)).index_put((self.positions,), coefficients)
         return idct_corner(corner.view(self.box), self.spec.shape)
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
-        return dct_corner(weight, self.box).reshape(-1)[self.positions]
+        box, positions = self.box, self.positions
+        if positions.numel() != self.stored:  # the layout has followed the schedule down
+            box, positions = zigzag_prefix(self.spec.shape, self.stored)
+        return dct_corner(weight, box).reshape(-1)[positions.to(weight.device)]
 
     @classmethod
     def min_values(cls, spec: LayerSpec, config: FreqRegConfig) -> int:
@@ -193,12 +229,21 @@ class FreqRegWeight(CompressedWeight):
         return self.final + math.floor((self.start - self.final) * decay)
 
     def on_train_step(self, step: int) -> None:
-        """Shrink ``kept`` to the schedule's count; it never grows back (resumes keep their progress)."""
-        if self.scheduling:
-            self.kept.clamp_(max=self.kept_at(step))
+        """Shrink ``kept`` to the schedule's count; it never grows back (resumes keep their progress).
+
+        Only Python arithmetic and a buffer fill: no device sync per step.
+        """
+        if self.stored > self.final:
+            self._follow(min(self._kept_count, self.kept_at(step)))
 
     def finalize(self) -> None:
+        self._kept_count = self.final
         self.kept.fill_(self.final)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.stored > self.final and not self.kept.is_meta:  # resume mid-schedule with the same layout
+            self._follow(int(self.kept))
 
     def finalize_storage(self, original: torch.Tensor) -> torch.Tensor | None:
         if original.shape[0] == self.final:
