@@ -14,6 +14,7 @@ from .budget import parse_budget
 from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
 from .methods import (
+    FreqRegConfig,
     FreshNetsConfig,
     FunHashConfig,
     HashedNetsConfig,
@@ -45,6 +46,7 @@ __all__ = [
     "CompressionReport",
     "LayerReport",
     "MethodConfig",
+    "FreqRegConfig",
     "HashedNetsConfig",
     "PQConfig",
     "FunHashConfig",

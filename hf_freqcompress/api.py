@@ -122,7 +122,7 @@ def compress(
                 method=config.method,
                 shape=spec.shape,
                 dense_values=spec.numel,
-                stored_values=original.numel() + parametrization.extra_values(),
+                stored_values=parametrization.stored_values(original),
                 stored_bits=parametrization.stored_bits(original, dtype),
                 cache_bytes=parametrization.cache_bytes(),
                 rel_error=error,
@@ -164,9 +164,21 @@ def on_train_step(model: nn.Module, step: int) -> None:
 
 
 def finalize(model: nn.Module) -> None:
-    """Close every training schedule so storage and optimizer view reach their final size."""
-    for _, _, _, parametrization in compressed_weights(model):
+    """Close every training schedule so storage and optimizer view reach their final size.
+
+    Storage a method shrinks (``finalize_storage``) is swapped into the same
+    Parameter object in place, so the model's structure and parameter names
+    stay; an optimizer built before still lists it, but its per-parameter
+    state (momentum, Adam moments) no longer fits: build a new optimizer to
+    keep training.
+    """
+    for _, module, param_name, parametrization in compressed_weights(model):
         parametrization.finalize()
+        original = module.parametrizations[param_name].original
+        final = parametrization.finalize_storage(original)
+        if final is not None:
+            original.data = final
+            original.grad = None
 
 
 def regularization(model: nn.Module) -> torch.Tensor | None:

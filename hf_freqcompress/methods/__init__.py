@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .freqreg import FreqRegConfig
 from .freshnets import FreshNetsConfig
 from .funhash import FunHashConfig
 from .hashednets import HashedNetsConfig
@@ -13,6 +14,7 @@ __all__ = [
     "CompressedWeight",
     "LayerSpec",
     "MethodConfig",
+    "FreqRegConfig",
     "HashedNetsConfig",
     "PQConfig",
     "FunHashConfig",

@@ -174,15 +174,28 @@ class CompressedWeight(nn.Module):
         for name in self._non_persistent_buffers_set:
             setattr(self, name, getattr(twin, name))
 
+    def finalize_storage(self, original: torch.Tensor) -> torch.Tensor | None:
+        """What ``original`` becomes once training ends, or None to keep it.
+
+        Called after :meth:`finalize` by ``hf_freqcompress.finalize(model)``,
+        which swaps the returned tensor into the same Parameter in place. For
+        methods whose training-time storage is larger than the stored result
+        (a frequency prefix that shrinks on a schedule).
+        """
+        return None
+
     # -- accounting -----------------------------------------------------------
     def extra_values(self) -> int:
         """Numbers this parametrization stores besides ``original`` (e.g. a reconstruction net)."""
         return sum(p.numel() for p in self.parameters())
 
+    def stored_values(self, original: torch.Tensor) -> int:
+        """Numbers this layer stores once training is finalized: ``original`` plus :meth:`extra_values`."""
+        return original.numel() + self.extra_values()
+
     def stored_bits(self, original: torch.Tensor, storage_dtype: torch.dtype) -> int:
         """Bits the checkpoint spends on this layer at ``storage_dtype``."""
-        bits = torch.finfo(storage_dtype).bits
-        return (original.numel() + self.extra_values()) * bits
+        return self.stored_values(original) * torch.finfo(storage_dtype).bits
 
     def cache_bytes(self) -> int:
         """Memory of non-persistent caches (e.g. hash indices), reported, never saved."""
