@@ -12,7 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import compress, decompress, finalize, get_reports, materialize, on_train_step
 from .budget import parse_budget
 from .layers import LayerKind, register_layer_kind
-from .methods import HashedNetsConfig, MethodConfig, available_methods, register_method
+from .methods import BinaryStackConfig, HashedNetsConfig, MethodConfig, available_methods, register_method
 from .report import CompressionReport, LayerReport
 
 try:
@@ -32,6 +32,7 @@ __all__ = [
     "LayerReport",
     "MethodConfig",
     "HashedNetsConfig",
+    "BinaryStackConfig",
     "available_methods",
     "register_method",
     "LayerKind",

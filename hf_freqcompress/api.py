@@ -122,6 +122,7 @@ def compress(
                 stored_values=original.numel() + parametrization.extra_values(),
                 stored_bits=parametrization.stored_bits(original, dtype),
                 cache_bytes=parametrization.cache_bytes(),
+                training_values=parametrization.training_values(),
                 rel_error=error,
             )
         )

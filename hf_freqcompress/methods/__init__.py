@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .binary_stack import BinaryStackConfig
 from .hashednets import HashedNetsConfig
 from .registry import available_methods, get_method, register_method, resolve_config
 
@@ -11,6 +12,7 @@ __all__ = [
     "LayerSpec",
     "MethodConfig",
     "HashedNetsConfig",
+    "BinaryStackConfig",
     "available_methods",
     "get_method",
     "register_method",

@@ -140,6 +140,10 @@ class CompressedWeight(nn.Module):
         """Numbers this parametrization stores besides ``original`` (e.g. a reconstruction net)."""
         return sum(p.numel() for p in self.parameters())
 
+    def training_values(self) -> int:
+        """Numbers that exist only while training (e.g. selection logits): not stored, gone after ``finalize()``."""
+        return 0
+
     def stored_bits(self, original: torch.Tensor, storage_dtype: torch.dtype) -> int:
         """Bits the checkpoint spends on this layer at ``storage_dtype``."""
         bits = torch.finfo(storage_dtype).bits
