@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -38,6 +38,8 @@ _FUSE_LIMIT = 64
 # after every dim, so on CPU they are computed in float32 and rounded once.
 _CPU_UPCAST = (torch.float16, torch.bfloat16)
 
+_Builder = Callable[..., torch.Tensor]
+
 
 def _as_device(device: torch.device | str | None) -> torch.device:
     return torch.device("cpu") if device is None else torch.device(device)
@@ -52,11 +54,30 @@ def _dct_matrix_f64(n: int) -> torch.Tensor:
     return mat
 
 
-# inference_mode(False): a basis first built inside torch.inference_mode() would
-# otherwise be cached as an inference tensor, which autograd later refuses to
-# save for backward when the same layer trains.
-@functools.lru_cache(maxsize=32)
-@torch.inference_mode(False)
+def _constant_cache(maxsize: int) -> Callable[[_Builder], _Builder]:
+    """lru_cache for builders of constant tensors, safe under torch.compile.
+
+    Entries are built outside inference mode: one first built inside
+    torch.inference_mode() would be cached as an inference tensor, which
+    autograd later refuses to save for backward when the same layer trains.
+    While compiling, dynamo cannot guard a Python-side cache (it warns and
+    traces through it), so the builder is traced into the graph instead,
+    where it depends on no input and compiles to a constant.
+    """
+
+    def decorate(build: _Builder) -> _Builder:
+        cached = functools.lru_cache(maxsize=maxsize)(torch.inference_mode(False)(build))
+
+        @functools.wraps(build)
+        def lookup(*args):
+            return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+        return lookup
+
+    return decorate
+
+
+@_constant_cache(maxsize=32)
 def _basis(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Kronecker product of the DCT-II matrices of ``sizes`` (row-major fused dims)."""
     mat = functools.reduce(torch.kron, (_dct_matrix_f64(n) for n in sizes))
@@ -66,7 +87,7 @@ def _basis(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 def dct_matrix(
     n: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """The (n, n) orthonormal DCT-II matrix D, so that ``D @ x`` transforms x's rows.
+    """The (n, n) orthonormal DCT-II matrix D: ``D @ x`` transforms each column of x.
 
     Its transpose is the inverse (DCT-III). The tensor is cached and shared by
     every caller asking for the same (n, dtype, device): treat it as read-only,
@@ -186,8 +207,7 @@ def frequency_sum(
 
 
 # Orders reach 8 bytes per element (800 MB at 10**8), so only a few are kept.
-@functools.lru_cache(maxsize=4)
-@torch.inference_mode(False)
+@_constant_cache(maxsize=4)
 def _zigzag(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     # Row-major enumeration is already lexicographic in the index tuple, so a
     # stable sort by index sum yields the (sum, i0, i1, ...) order. int32 keys

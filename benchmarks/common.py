@@ -1,0 +1,153 @@
+"""Shared pieces of the benchmarks: MNIST tensors, a plain training loop, JSON rows.
+
+Every benchmark takes ``--quick`` (same code path, fewer epochs) and
+``--out FILE`` and writes ``{"benchmark": name, "rows": [...]}`` (keys in
+docs/architecture.md). Training is deliberately plain PyTorch on tensors held
+in memory, so the numbers measure the compression method, not a data loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import parametrize
+
+from hf_freqcompress.data import mnist_dataset
+from hf_freqcompress.layers import find_layer_kind
+
+__all__ = [
+    "benchmark_parser",
+    "mnist_tensors",
+    "train_classifier",
+    "test_error_pct",
+    "other_values",
+    "write_results",
+    "print_table",
+]
+
+
+def benchmark_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="same code path, fewer epochs: a few minutes on 2 cores")
+    parser.add_argument("--out", type=Path, help="write the JSON rows here")
+    parser.add_argument("--epochs", type=int, help="override the number of epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    return parser
+
+
+def mnist_tensors(flatten: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train_x, train_y, test_x, test_y) of the full vendored MNIST, normalized float32."""
+    train = mnist_dataset("train", flatten=flatten)
+    test = mnist_dataset("test", flatten=flatten)
+    return (*train.tensors, *test.tensors)
+
+
+def test_error_pct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Test error in percent; weights are rebuilt once for the whole pass (parametrize.cached)."""
+    model.eval()
+    wrong = 0
+    with torch.no_grad(), parametrize.cached():
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start : start + batch_size])
+            wrong += int((logits.argmax(1) != y[start : start + batch_size]).sum())
+    return 100.0 * wrong / len(x)
+
+
+def train_classifier(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    on_step: Callable[[int], None] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    parameters: Iterable[nn.Parameter] | None = None,
+) -> float:
+    """SGD with Nesterov momentum and a cosine schedule; returns wall seconds.
+
+    The same recipe trains every row of a benchmark (dense, compressed,
+    equal-size), so differences in test error come from the parametrization.
+    ``on_step(step)`` runs after each optimizer step (training schedules).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(len(train_x) / batch_size)
+    total_steps = epochs * steps_per_epoch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    start_time = time.perf_counter()
+    step = 0
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=generator)
+        for start in range(0, len(train_x), batch_size):
+            batch = order[start : start + batch_size]
+            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            if on_step is not None:
+                on_step(step)
+    return time.perf_counter() - start_time
+
+
+def other_values(model: nn.Module) -> int:
+    """Parameters besides the conv/linear weights (biases, norms): reported apart, as the papers do.
+
+    A compressed layer's weight counts as everything its parametrization stores.
+    """
+    weights: set[int] = set()
+    for module in model.modules():
+        kind = find_layer_kind(module)
+        if kind is None:
+            continue
+        if parametrize.is_parametrized(module, kind.param_name):
+            weights |= {id(p) for p in module.parametrizations[kind.param_name].parameters()}
+        else:
+            weights.add(id(getattr(module, kind.param_name)))
+    return sum(p.numel() for p in model.parameters() if id(p) not in weights)
+
+
+def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:
+    """Write the rows as JSON, with the command that produced them (docs quote it)."""
+    if out is None:
+        return
+    command = " ".join(["python", *sys.argv])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, "command": command, "rows": list(rows)}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
+    """Fixed-width table of ``columns`` (missing keys left blank)."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if abs(value) < 100 else f"{value:.1f}"
+        return "" if value is None else str(value)
+
+    table = [list(columns), *[[cell(row.get(c)) for c in columns] for row in rows]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for i, line in enumerate(table):
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
