@@ -260,7 +260,10 @@ class BinaryStackWeight(CompressedWeight):
         rounds the scales are refit, a = <x, b> / ||b||^2 summed per scale.
         Sets the scales and the selection (logits = cosine similarity, so
         their argmax is the assignment, or the frozen indices) and returns the
-        latent bank: sign from k-means, magnitude from the cluster mean.
+        latent bank: sign from k-means, magnitude that of the cluster's mean
+        slice in weight units, so an optimizer tuned for the dense weights
+        flips latent signs at a sensible rate (a latent of magnitude ~1 would
+        hardly ever flip).
         """
         layout = self.layout
         x = weight.detach().float().reshape(layout.filters, layout.slices, layout.filter_numel)
@@ -289,8 +292,10 @@ class BinaryStackWeight(CompressedWeight):
                 norms = rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
                 cosine = (rows @ bank.T) / (norms * math.sqrt(layout.filter_numel))
                 self.logits.data = cosine.view_as(self.logits.data).to(self.logits.device)
-        magnitude = sums.abs() / sums.abs().amax(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        latent = bank * magnitude.clamp_min(1e-2)
+        typical = alpha.mean()
+        counts = torch.bincount(assign, minlength=layout.bank_size)[:, None]
+        magnitude = torch.where(counts > 0, sums.abs() / (counts.clamp_min(1) * typical), typical)
+        latent = bank * magnitude.clamp_min(1e-3 * typical)
         return latent.view(layout.bank_size, layout.depth, *layout.kernel).to(weight.dtype)
 
     # -- training ------------------------------------------------------------------
