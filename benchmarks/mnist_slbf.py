@@ -110,8 +110,9 @@ def test_error_pct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def other_values(model: nn.Module) -> int:
-    """Parameters besides the conv weights (or what replaces them): BatchNorm and the Linear head."""
-    return sum(p.numel() for m in model.modules() if not isinstance(m, nn.Conv2d) for p in m.parameters(recurse=False))
+    """Parameters outside the conv layers (BatchNorm, the Linear head); a conv's bank, scales and bias are its own."""
+    convs = tuple(f"{name}." for name in conv_names(model))
+    return sum(p.numel() for name, p in model.named_parameters() if not name.startswith(convs))
 
 
 def run_dense(args: argparse.Namespace, data, epochs: int) -> tuple[dict[str, Any], nn.Module]:
