@@ -14,6 +14,7 @@ from .budget import parse_budget
 from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
 from .methods import (
+    BinaryStackConfig,
     FreqRegConfig,
     FreshNetsConfig,
     FunHashConfig,
@@ -51,6 +52,7 @@ __all__ = [
     "PQConfig",
     "FunHashConfig",
     "FreshNetsConfig",
+    "BinaryStackConfig",
     "available_methods",
     "register_method",
     "LayerKind",

@@ -125,6 +125,7 @@ def compress(
                 stored_values=parametrization.stored_values(original),
                 stored_bits=parametrization.stored_bits(original, dtype),
                 cache_bytes=parametrization.cache_bytes(),
+                training_values=parametrization.training_values(),
                 rel_error=error,
             )
         )

@@ -15,6 +15,9 @@ class LayerReport:
 
     ``rel_error`` is ||W - W_hat|| / ||W|| right after compression, before
     any fine-tuning: how much of a trained layer survives the projection.
+    ``stored_values`` / ``stored_bits`` describe the final stored form;
+    ``training_values`` counts numbers that exist only until ``finalize()``
+    (e.g. selection logits) and are never saved.
     """
 
     name: str
@@ -26,6 +29,7 @@ class LayerReport:
     stored_bits: int
     cache_bytes: int
     rel_error: float
+    training_values: int = 0
 
     @property
     def ratio(self) -> float:
@@ -52,7 +56,12 @@ class CompressionReport:
 
     @property
     def stored_bytes(self) -> int:
-        return (sum(layer.stored_bits for layer in self.layers) + 7) // 8
+        """Each layer's bits rounded up to whole bytes: layers are saved as separate tensors."""
+        return sum((layer.stored_bits + 7) // 8 for layer in self.layers)
+
+    @property
+    def training_values(self) -> int:
+        return sum(layer.training_values for layer in self.layers)
 
     @property
     def cache_bytes(self) -> int:
@@ -72,6 +81,7 @@ class CompressionReport:
             "stored_values": self.stored_values,
             "stored_bytes": self.stored_bytes,
             "cache_bytes": self.cache_bytes,
+            "training_values": self.training_values,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
         }
 
@@ -110,4 +120,9 @@ class CompressionReport:
             f"{self.stored_bytes:,} bytes as {self.storage_dtype}, "
             f"hash caches {self.cache_bytes:,} bytes (not saved)"
         )
+        if self.training_values:
+            summary += (
+                f"; plus {self.training_values:,} training-only values (not saved, gone after finalize()): "
+                "the sizes above are the final stored form"
+            )
         return f"{summary}\n{self.table()}"

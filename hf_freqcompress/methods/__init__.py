@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .binary_stack import BinaryStackConfig
 from .freqreg import FreqRegConfig
 from .freshnets import FreshNetsConfig
 from .funhash import FunHashConfig
@@ -19,6 +20,7 @@ __all__ = [
     "PQConfig",
     "FunHashConfig",
     "FreshNetsConfig",
+    "BinaryStackConfig",
     "available_methods",
     "get_method",
     "register_method",

@@ -192,6 +192,9 @@ class CompressedWeight(nn.Module):
     def stored_values(self, original: torch.Tensor) -> int:
         """Numbers this layer stores once training is finalized: ``original`` plus :meth:`extra_values`."""
         return original.numel() + self.extra_values()
+    def training_values(self) -> int:
+        """Numbers that exist only while training (e.g. selection logits): not stored, gone after ``finalize()``."""
+        return 0
 
     def stored_bits(self, original: torch.Tensor, storage_dtype: torch.dtype) -> int:
         """Bits the checkpoint spends on this layer at ``storage_dtype``."""
