@@ -26,6 +26,7 @@ from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.layers import find_layer_kind
 
 __all__ = [
+    "accuracy_row",
     "benchmark_parser",
     "mnist_tensors",
     "train_classifier",
@@ -136,6 +137,33 @@ def other_values(model: nn.Module) -> int:
         else:
             weights.add(id(getattr(module, kind.param_name)))
     return sum(p.numel() for p in model.parameters() if id(p) not in weights)
+
+
+def accuracy_row(
+    model_label: str,
+    method: str,
+    budget: str,
+    model: nn.Module,
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    dense_values: int,
+    stored_values: int,
+    epochs: int,
+    seconds: float,
+) -> dict[str, Any]:
+    """One accuracy row in the keys every benchmark shares (stored values counted at 32 bits)."""
+    return {
+        "model": model_label,
+        "method": method,
+        "budget": budget,
+        "dense_values": dense_values,
+        "stored_values": stored_values,
+        "stored_bits": stored_values * 32,
+        "other_values": other_values(model),
+        "test_error_pct": test_error_pct(model, *test),
+        "epochs": epochs,
+        "seconds": round(seconds, 1),
+    }
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:

@@ -29,7 +29,15 @@ from hf_freqcompress import FreshNetsConfig, compress, parse_budget
 from hf_freqcompress.methods import resolve_config
 from hf_freqcompress.surgery import compressed_weights
 
-from common import benchmark_parser, mnist_tensors, other_values, print_table, test_error_pct, train_classifier, write_results
+from common import (
+    accuracy_row,
+    benchmark_parser,
+    mnist_tensors,
+    print_table,
+    test_error_pct,
+    train_classifier,
+    write_results,
+)
 
 BUDGETS = ("1/16", "1/64")
 WIDTHS = (32, 64, 512)
@@ -111,18 +119,8 @@ def run(widths, method: str, budget: str, data, args, epochs: int) -> tuple[dict
     if method in ("freshnets", "hashednets"):
         stored = compress_from_scratch(model, budget, method_config(method, args), args.seed)
     seconds = train_classifier(model, train_x, train_y, epochs=epochs, lr=args.lr, seed=args.seed)
-    row = {
-        "model": name_of(widths),
-        "method": method,
-        "budget": budget,
-        "dense_values": dense_values,
-        "stored_values": stored,
-        "stored_bits": stored * 32,
-        "other_values": other_values(model),
-        "test_error_pct": test_error_pct(model, test_x, test_y),
-        "epochs": epochs,
-        "seconds": round(seconds, 1),
-    }
+    row = accuracy_row(name_of(widths), method, budget, model, (test_x, test_y), dense_values=dense_values,
+                       stored_values=stored, epochs=epochs, seconds=seconds)
     if method == "freshnets":
         row.update(alpha=args.alpha, beta=args.beta, allocation=args.allocation)
     return row, model

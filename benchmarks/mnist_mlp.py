@@ -15,7 +15,7 @@ from torch import nn
 
 from hf_freqcompress import compress
 
-from common import benchmark_parser, mnist_tensors, other_values, print_table, test_error_pct, train_classifier, write_results
+from common import accuracy_row, benchmark_parser, mnist_tensors, print_table, train_classifier, write_results
 
 BUDGETS = ("1/8", "1/64")
 HIDDEN = 1000
@@ -37,18 +37,8 @@ def run(label: str, method: str, budget: str, model: nn.Module, data, args, epoc
         stored = compress(model, budget=budget, method=method, exclude=[], seed=args.seed).stored_values
     torch.manual_seed(args.seed)
     seconds = train_classifier(model, train_x, train_y, epochs=epochs, lr=args.lr, seed=args.seed)
-    return {
-        "model": label,
-        "method": method,
-        "budget": budget,
-        "dense_values": dense_values,
-        "stored_values": stored,
-        "stored_bits": stored * 32,
-        "other_values": other_values(model),
-        "test_error_pct": test_error_pct(model, test_x, test_y),
-        "epochs": epochs,
-        "seconds": round(seconds, 1),
-    }
+    return accuracy_row(label, method, budget, model, (test_x, test_y), dense_values=dense_values,
+                        stored_values=stored, epochs=epochs, seconds=seconds)
 
 
 def main() -> None:
