@@ -27,10 +27,10 @@ from torch import nn
 
 from hf_freqcompress import FreshNetsConfig, compress, parse_budget
 from hf_freqcompress.methods import resolve_config
-from hf_freqcompress.surgery import compressed_weights
 
 from common import (
     accuracy_row,
+    compress_from_scratch,
     benchmark_parser,
     mnist_tensors,
     print_table,
@@ -89,25 +89,6 @@ def projected(dense_model: nn.Module, method: str, budget: str, args, data) -> d
         "projected_error_pct": test_error_pct(model, data[2], data[3]),
         "projected_conv_rel_error": round(error / norm, 4),
     }
-
-
-def compress_from_scratch(model: nn.Module, budget: str, config, seed: int) -> int:
-    """Compress a freshly initialised model and restore each layer's init scale; returns stored values.
-
-    Projecting a random init averages ~1/budget independent weights per
-    bucket, which shrinks every layer by about sqrt(budget) and, compounded
-    over four layers, leaves the network untrainable at 1/64. Training from
-    scratch (as the papers do) needs the init's scale, so each layer's stored
-    values are rescaled until the rebuilt weight has the dense init's norm
-    (the reconstruction is linear in them). Same treatment for every method.
-    """
-    norms = {name: module.weight.detach().norm() for name, module in model.named_modules() if hasattr(module, "weight")}
-    report = compress(model, budget=budget, method=config, exclude=[], seed=seed)
-    with torch.no_grad():
-        for name, module, param_name, _ in compressed_weights(model):
-            scale = norms[name] / getattr(module, param_name).norm()
-            module.parametrizations[param_name].original.mul_(scale)
-    return report.stored_values
 
 
 def run(widths, method: str, budget: str, data, args, epochs: int) -> tuple[dict, nn.Module]:

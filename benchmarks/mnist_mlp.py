@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hf_freqcompress import compress
 
-from common import accuracy_row, benchmark_parser, mnist_tensors, print_table, train_classifier, write_results
+from common import accuracy_row, benchmark_parser, compress_from_scratch, mnist_tensors, print_table, train_classifier, write_results
 
 BUDGETS = ("1/8", "1/64")
 HIDDEN = 1000
@@ -34,7 +33,7 @@ def run(label: str, method: str, budget: str, model: nn.Module, data, args, epoc
     dense_values = weight_count(model)
     stored = dense_values
     if method == "hashednets":
-        stored = compress(model, budget=budget, method=method, exclude=[], seed=args.seed).stored_values
+        stored = compress_from_scratch(model, budget, method, args.seed)
     torch.manual_seed(args.seed)
     seconds = train_classifier(model, train_x, train_y, epochs=epochs, lr=args.lr, seed=args.seed)
     return accuracy_row(label, method, budget, model, (test_x, test_y), dense_values=dense_values,
