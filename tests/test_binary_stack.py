@@ -168,18 +168,43 @@ def test_finalize_freezes_the_selection_into_indices():
     state = model.state_dict()
     assert not any("logits" in key for key in state)
     assert not any(name.endswith("logits") for name, _ in model.named_parameters())
-    assert state["0.parametrizations.weight.0.indices"].dtype == torch.int32
+    assert p.indices.dtype == torch.int32 and "0.parametrizations.weight.0.indices" not in state
     assert torch.equal(model[0].weight, before)
     assert p.training_values() == 0
 
 
-def test_frozen_state_dict_loads_into_a_fresh_compressed_model():
-    model, _ = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
+def test_finalized_state_holds_exactly_the_packed_stream_and_scales():
+    model, p = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
+    before = model[0].weight.detach().clone()
     finalize(model)
+    state = model.state_dict()
+    prefix = "0.parametrizations.weight."
+    assert state[prefix + "original"].numel() == 0
+    assert state[prefix + "0.packed"].dtype == torch.uint8
+    assert state[prefix + "0.packed"].numel() == -(-p.layout.stream_bits // 8)
+    stored = {k: v for k, v in state.items() if k.startswith(prefix)}
+    stored_bits = sum(v.numel() * v.element_size() * 8 for v in stored.values())
+    assert stored_bits - p.layout.stored_bits() < 8  # the stream rounds up to whole bytes
+    assert torch.equal(model[0].weight, before)
+
+
+def test_frozen_state_dict_loads_into_a_fresh_compressed_model():
+    model, p = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
+    p.freeze()  # frozen, not yet packed: the state holds indices and the latent bank
     fresh, fresh_p = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
     assert not fresh_p.frozen
     fresh.load_state_dict(model.state_dict())
     assert fresh_p.frozen and torch.equal(fresh[0].weight, model[0].weight)
+
+
+def test_packed_state_dict_loads_into_a_finalized_model():
+    model, _ = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
+    finalize(model)
+    fresh, fresh_p = compressed_conv(nn.Conv2d(16, 32, 3), bank_size=16)
+    finalize(fresh)
+    assert not torch.equal(fresh[0].weight, model[0].weight)
+    fresh.load_state_dict(model.state_dict())
+    assert fresh_p.is_packed and torch.equal(fresh[0].weight, model[0].weight)
 
 
 def test_temperature_anneals_and_selection_freezes_on_schedule():
@@ -223,7 +248,7 @@ CONVS = {
 @pytest.mark.parametrize("name", list(CONVS))
 def test_split_transform_merge_equals_materialized_forward(name):
     model, p = compressed_conv(CONVS[name](), budget=0.5, bank_size=8, depth=4, scale="slice")
-    finalize(model)
+    p.freeze()  # selections frozen, bank still a trainable latent
     x = torch.randn(3, model[0].in_channels, 9, 10)
     expected = model(x)
     got = binary_stack_conv2d(x, p, model[0])
@@ -231,6 +256,10 @@ def test_split_transform_merge_equals_materialized_forward(name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     got.square().sum().backward()  # path (b) trains the bank and scales too
     assert model[0].parametrizations.weight.original.grad.abs().sum() > 0 and p.scale.grad.abs().sum() > 0
+    finalize(model)  # the packed form decodes the same bank
+    with torch.no_grad():
+        torch.testing.assert_close(binary_stack_conv2d(x, p, model[0]), model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_choose_conv_forward_installs_and_removes_the_split_path():

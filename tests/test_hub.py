@@ -74,10 +74,6 @@ def _compressed(name: str, method: str = "hashednets", **kwargs) -> tuple[nn.Mod
     return model, _inputs(name)
 
 
-SAVES_UNPACKED = {"binary_stack"}
-"""Methods whose checkpoint does not hold the packed form yet (known gap, tracked in the SLBF issue)."""
-
-
 def _untargeted_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if ".parametrizations." not in k)
 
@@ -104,9 +100,6 @@ def test_every_method_saves_small_and_round_trips(tmp_path, method, model_name):
     loaded = from_pretrained(folder)
     assert torch.equal(_logits(loaded, x), _logits(model, x))
     assert not {layer.name for layer in report.layers} & {name for name, _ in loaded.named_parameters()}
-    if method in SAVES_UNPACKED and folder_bytes > bound:
-        pytest.xfail(f"{method} saves its float latent bank and int32 indices, not the packed bits "
-                     f"({folder_bytes:,} > {bound:,} bytes)")
     assert folder_bytes <= bound
 
 

@@ -32,6 +32,13 @@ always counts the frozen form; while logits exist it says so in
 ``training_values``. ``pack`` stores ``sign(original)``; the latent's
 magnitude is training state too.
 
+Packed form: ``hf_freqcompress.finalize(model)`` ends training for good. The
+layer then keeps the :meth:`pack` stream as its persistent ``packed`` buffer,
+``original`` becomes empty (``finalize_storage``) and the +-1 bank and the
+indices are non-persistent caches decoded from the stream, so the state dict
+(and a saved checkpoint) holds exactly the stream plus the scales. The scales
+still train; the bank and selection are fixed.
+
 Layers: any conv (groups and depthwise included: C is the per-group input
 width) and Linear (a 1x1 kernel). When C is not divisible by ``depth`` the
 layer uses the largest divisor of C below it (the first conv of an MNIST net,
@@ -212,6 +219,7 @@ class BinaryStackWeight(CompressedWeight):
         self.scale = nn.Parameter(torch.ones(layout.scale_shape, device=device))
         self.logits = nn.Parameter(torch.zeros(layout.filters, layout.slices, layout.bank_size, device=device))
         self.register_buffer("indices", None)
+        self.register_buffer("packed", None)
         self.temperature = config.temperature
 
     # -- planning -----------------------------------------------------------------
@@ -228,8 +236,19 @@ class BinaryStackWeight(CompressedWeight):
     def frozen(self) -> bool:
         return self.indices is not None
 
+    @property
+    def is_packed(self) -> bool:
+        return self.packed is not None
+
     def binary_bank(self, original: torch.Tensor) -> torch.Tensor:
-        """The +-1 bank ``(M, d, *kernel)``; gradients reach the latent through the straight-through sign."""
+        """The +-1 bank ``(M, d, *kernel)``; gradients reach the latent through the straight-through sign.
+
+        In the packed form the bank is the decoded stream (``original`` is empty).
+        """
+        if self.is_packed or original.numel() == 0:
+            if not self.is_packed:  # a packed checkpoint's empty storage, before its stream is loaded
+                self._enter_packed_form(torch.empty(self._stream_bytes(), dtype=torch.uint8, device=original.device))
+            return self.bank_signs.to(original.dtype)
         return _straight_through_sign(original)
 
     def selection(self) -> torch.Tensor:
@@ -322,11 +341,55 @@ class BinaryStackWeight(CompressedWeight):
     def finalize(self) -> None:
         self.freeze()
 
+    def finalize_storage(self, original: torch.Tensor) -> torch.Tensor | None:
+        """Switch to the packed form: keep the :meth:`pack` stream, empty ``original``."""
+        if self.is_packed:
+            return None
+        self.freeze()
+        self._enter_packed_form(self.pack(original)["bits"])
+        return original.detach().new_empty(0)
+
+    def _stream_bytes(self) -> int:
+        return -(-self.layout.stream_bits // 8)
+
+    def _enter_packed_form(self, stream: torch.Tensor) -> None:
+        """Adopt ``stream`` as the persistent state; indices and bank become caches decoded from it."""
+        if self.logits is not None:
+            self.logits = None
+        self.packed = stream
+        self._non_persistent_buffers_set.add("indices")
+        self._decode_stream(stream.device)
+
+    def _decode_stream(self, device: torch.device) -> None:
+        """Fill the ``indices`` and ``bank_signs`` caches from ``packed`` (placeholders on the meta device)."""
+        layout = self.layout
+        bank_shape = (layout.bank_size, layout.depth, *layout.kernel)
+        if self.packed.is_meta:
+            self.indices = torch.empty(layout.filters, layout.slices, dtype=torch.int32, device=device)
+            self.register_buffer("bank_signs", torch.empty(bank_shape, device=device), persistent=False)
+            return
+        stream = unpack_bits(self.packed, 1, layout.stream_bits)
+        bank_bits = layout.bank_size * layout.filter_numel
+        indices = unpack_bits(pack_bits(stream[bank_bits:], 1), layout.index_bits, layout.filters * layout.slices)
+        self.indices = indices.to(torch.int32).view(layout.filters, layout.slices).to(device)
+        signs = (stream[:bank_bits].to(self.scale.dtype) * 2 - 1).view(bank_shape).to(device)
+        self.register_buffer("bank_signs", signs, persistent=False)
+
+    def rebuild_caches(self, device: torch.device) -> None:
+        """The packed form's caches derive from the loaded stream: decode it, never copy a fresh twin."""
+        if self.is_packed:
+            self._decode_stream(device)
+
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        # a frozen checkpoint (indices, no logits) loads into a freshly compressed layer
-        if prefix + "indices" in state_dict:
+        # a frozen (indices) or packed (stream) checkpoint loads into a freshly compressed layer
+        if prefix + "packed" in state_dict and not self.is_packed:
+            stream = state_dict[prefix + "packed"]
+            self._enter_packed_form(torch.empty(stream.shape, dtype=torch.uint8, device=self.scale.device))
+        elif prefix + "indices" in state_dict:
             self.freeze()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.is_packed and not self.packed.is_meta:
+            self._decode_stream(self.packed.device)
 
     # -- accounting -----------------------------------------------------------------
     def extra_values(self) -> int:
@@ -335,6 +398,10 @@ class BinaryStackWeight(CompressedWeight):
 
     def training_values(self) -> int:
         return 0 if self.frozen else self.logits.numel()
+
+    def stored_values(self, original: torch.Tensor) -> int:
+        """The frozen form's numbers, whether the bank is the latent ``original`` or the packed stream."""
+        return self.layout.stored_values
 
     def stored_bits(self, original: torch.Tensor, storage_dtype: torch.dtype) -> int:
         return self.layout.stored_bits(torch.finfo(storage_dtype).bits)
@@ -357,9 +424,11 @@ class BinaryStackWeight(CompressedWeight):
         Takes exactly ``ceil(stored_bits / 8)`` bytes.
         """
         layout = self.layout
+        dtype = storage_dtype or self.scale.dtype
+        if self.is_packed:
+            return {"bits": self.packed.clone(), "scale": self.scale.detach().to(dtype).clone()}
         bank_bits = (original.detach() >= 0).reshape(-1).to(torch.int64)
         index_bits = unpack_bits(pack_bits(self.selection(), layout.index_bits), 1, layout.filters * layout.slices * layout.index_bits)
-        dtype = storage_dtype or self.scale.dtype
         return {"bits": pack_bits(torch.cat([bank_bits, index_bits.to(bank_bits.device)]), 1),
                 "scale": self.scale.detach().to(dtype).clone()}
 
