@@ -24,39 +24,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gzip
-import json
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import parametrize
 
 from hf_freqcompress import BinaryStackConfig, compress, finalize, on_train_step
 from hf_freqcompress.methods.binary_stack_forward import choose_conv_forward
 
+from common import benchmark_parser, mnist_tensors, print_table, test_error_pct, train_classifier, write_results
+
 CONV_BUDGET = "1/128"
 FIRST_CONV = "features.0"
-
-
-def load_idx(path: Path) -> torch.Tensor:
-    """An IDX gzip file as a uint8 tensor (private stand-in for hf_freqcompress.data, swapped at merge)."""
-    with gzip.open(path, "rb") as handle:
-        data = handle.read()
-    dims = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(dims)]
-    return torch.frombuffer(bytearray(data[4 + 4 * dims :]), dtype=torch.uint8).view(shape)
-
-
-def mnist(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    prefix = "train" if split == "train" else "t10k"
-    images = load_idx(root / f"{prefix}-images-idx3-ubyte.gz").float().div(255).sub(0.1307).div(0.3081)
-    return images.unsqueeze(1), load_idx(root / f"{prefix}-labels-idx1-ubyte.gz").long()
 
 
 class VggMnist(nn.Module):
@@ -81,34 +63,6 @@ def conv_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)]
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, seed: int, compressed: bool) -> float:
-    """Adam with a cosine schedule, batch 128; the same recipe for every row. Returns wall seconds."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    total = epochs * math.ceil(len(x) / 128)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
-    start, step = time.perf_counter(), 0
-    for _ in range(epochs):
-        model.train()
-        for batch in torch.randperm(len(x), generator=generator).split(128):
-            loss = F.cross_entropy(model(x[batch]), y[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            if compressed:
-                on_train_step(model, step)
-    return time.perf_counter() - start
-
-
-def test_error_pct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    with torch.no_grad(), parametrize.cached():
-        wrong = sum(int((model(xb).argmax(1) != yb).sum()) for xb, yb in zip(x.split(1000), y.split(1000)))
-    return 100.0 * wrong / len(x)
-
-
 def other_values(model: nn.Module) -> int:
     """Parameters outside the conv layers (BatchNorm, the Linear head); a conv's bank, scales and bias are its own."""
     convs = tuple(f"{name}." for name in conv_names(model))
@@ -119,7 +73,7 @@ def run_dense(args: argparse.Namespace, data, epochs: int) -> tuple[dict[str, An
     torch.manual_seed(args.seed)
     model = VggMnist()
     dense = sum(model.get_submodule(name).weight.numel() for name in conv_names(model))
-    seconds = train(model, data[0], data[1], epochs, args.lr, args.seed, compressed=False)
+    seconds = train_classifier(model, data[0], data[1], epochs=epochs, lr=args.lr, seed=args.seed, optimizer="adam")
     return row("dense", "1", dense, dense, dense * 32, model, data, epochs, seconds), model
 
 
@@ -136,7 +90,8 @@ def run_slbf(args: argparse.Namespace, data, epochs: int, trained: nn.Module) ->
     ]
     for report in reports:
         print(report)
-    seconds = train(model, data[0], data[1], epochs, args.lr, args.seed, compressed=True)
+    seconds = train_classifier(model, data[0], data[1], epochs=epochs, lr=args.lr, seed=args.seed, optimizer="adam",
+                               on_step=lambda step: on_train_step(model, step))
     finalize(model)
     layers = [layer for report in reports for layer in report.layers]
     dense = sum(layer.dense_values for layer in layers)
@@ -180,23 +135,9 @@ def perf_rows(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    table = [columns, *[["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for i, line in enumerate(table):
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 epoch on 20k training images: a few minutes on 2 cores")
-    parser.add_argument("--out", type=Path, help="write the JSON rows here")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--data", type=Path, default=Path("/work/shared/data/mnist"))
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--data", type=Path, help="MNIST IDX gzip folder (default: the vendored data/mnist)")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--budget", default=CONV_BUDGET)
     parser.add_argument("--bank-size", type=int, default=64)
@@ -204,10 +145,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 3)
-    train_x, train_y = mnist(args.data, "train")
-    if args.quick:
+    train_x, train_y, test_x, test_y = mnist_tensors(flatten=False, root=args.data)
+    if args.quick:  # 1 epoch on 20k training images
         train_x, train_y = train_x[:20000], train_y[:20000]
-    data = (train_x, train_y, *mnist(args.data, "test"))
+    data = (train_x, train_y, test_x, test_y)
     dense, trained = run_dense(args, data, epochs)
     slbf, model = run_slbf(args, data, epochs, trained)
     for layer in slbf["layers"]:
@@ -219,10 +160,7 @@ def main() -> None:
     print(f"conv weights: {slbf['compression_ratio']}x smaller in bits; test error +{drop:.2f} points vs dense")
     perf = perf_rows(model, data[2][:1000])
     print_table(perf, ["layer", "batch", "materialize_ms", "split_ms", "chosen"])
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"benchmark": "mnist_slbf", "rows": rows + perf}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_results("mnist_slbf", rows + perf, args.out)
 
 
 if __name__ == "__main__":
