@@ -25,7 +25,6 @@ from torch.nn.utils import parametrize
 from hf_freqcompress import compress
 from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.layers import find_layer_kind
-from hf_freqcompress.surgery import compressed_weights
 
 __all__ = [
     "accuracy_row",
@@ -170,22 +169,14 @@ def accuracy_row(
 
 
 def compress_from_scratch(model: nn.Module, budget: str, config, seed: int) -> int:
-    """Compress a freshly initialised model and restore each layer's init scale; returns stored values.
+    """Compress a freshly initialised model for training from scratch; returns stored values.
 
-    Projecting a random init averages ~1/budget independent weights per
-    bucket, which shrinks every layer by about sqrt(budget) and, compounded
-    over four layers, leaves the network untrainable at 1/64. Training from
-    scratch (as the papers do) needs the init's scale, so each layer's stored
-    values are rescaled until the rebuilt weight has the dense init's norm
-    (the reconstruction is linear in them). Same treatment for every method.
+    ``init="preserve_norm"``: projecting a random init averages ~1/budget
+    independent weights per stored value, which shrinks every layer by about
+    sqrt(budget) and, compounded over four layers, leaves the network
+    untrainable at 1/64. Same treatment for every method.
     """
-    norms = {name: module.weight.detach().norm() for name, module in model.named_modules() if hasattr(module, "weight")}
-    report = compress(model, budget=budget, method=config, exclude=[], seed=seed)
-    with torch.no_grad():
-        for name, module, param_name, _ in compressed_weights(model):
-            scale = norms[name] / getattr(module, param_name).norm()
-            module.parametrizations[param_name].original.mul_(scale)
-    return report.stored_values
+    return compress(model, budget=budget, method=config, exclude=[], seed=seed, init="preserve_norm").stored_values
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:

@@ -22,6 +22,7 @@ REPORT_ATTRIBUTE = "hf_freqcompress_reports"
 A model may be compressed in several calls on disjoint layers (say FreshNets
 on the convolutions, PQ on the fully-connected layers), hence a list."""
 
+_INITS = ("project", "preserve_norm")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -67,6 +68,7 @@ def compress(
     storage_dtype: torch.dtype | str | None = None,
     strategy: str | Callable[[Sequence[LayerDemand], int], list[int]] = "proportional",
     min_layer_values: int = MIN_LAYER_VALUES,
+    init: str = "project",
 ) -> CompressionReport:
     """Re-express the conv/linear weights of ``model`` with ``budget`` stored values, in place.
 
@@ -88,7 +90,15 @@ def compress(
         storage_dtype: dtype of stored values in a checkpoint (default: the
             weights' dtype); it sets ``stored_bytes`` and byte budgets.
         strategy: how the budget is split per layer ("proportional" or a callable).
+        init: "project" (least-squares projection of the current weights: what
+            a trained model needs to keep its accuracy) or "preserve_norm"
+            (the projection rescaled so each rebuilt weight has the dense
+            weight's norm: for a freshly initialised model trained from
+            scratch, whose projected random weights would otherwise shrink by
+            about sqrt(budget) per layer and stall training).
     """
+    if init not in _INITS:
+        raise ValueError(f"unknown init {init!r}; use one of {list(_INITS)}")
     config = resolve_config(method)
     parametrization_class = get_method(config.method)
     parsed = parse_budget(budget)
@@ -111,7 +121,7 @@ def compress(
         for spec, target, values in zip(specs, chosen, allocation)
     ]
     parametrization_class.prepare_group(parametrizations, [target.kind.to_canonical(target.weight) for target in chosen])
-    errors = apply_parametrizations(list(zip(chosen, parametrizations)))
+    errors = apply_parametrizations(list(zip(chosen, parametrizations)), preserve_norm=init == "preserve_norm")
     rows = []
     for spec, target, parametrization, error in zip(specs, chosen, parametrizations, errors):
         original = target.module.parametrizations[target.param_name].original

@@ -26,6 +26,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         seed=args.seed,
         storage_dtype=args.storage_dtype,
+        init=args.init,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     if args.out:
@@ -107,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--exclude", nargs="*", help="module name patterns to skip (default: head and tiny layers)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--storage-dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    sub.add_argument("--init", default="project", choices=["project", "preserve_norm"],
+                     help="preserve_norm: keep each layer's weight norm (for models trained from scratch)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_argument("--out", metavar="DIR", help="save the compressed model to this checkpoint folder")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder at --out")

@@ -247,16 +247,32 @@ def _check_patterns_used(modules: list[tuple[str, nn.Module]], patterns: list[st
         raise ValueError(f"target pattern {pattern!r} matches no module; module names look like {examples}")
 
 
-def apply_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]]) -> list[float]:
-    """Register every parametrization, or none; returns each layer's relative projection error."""
+def apply_parametrizations(
+    pairs: Sequence[tuple[Target, CompressedWeight]], preserve_norm: bool = False
+) -> list[float]:
+    """Register every parametrization, or none; returns each layer's relative projection error.
+
+    ``preserve_norm`` rescales each projected layer so the rebuilt weight has
+    the Frobenius norm of the dense one (see ``compress(init=...)``).
+    """
     errors: list[float] = []
 
     def register(i: int, target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
         parametrize.register_parametrization(target.module, target.param_name, parametrization)
+        if preserve_norm:
+            _restore_norm(target, parametrization, dense)
         errors.append(_relative_error(dense, target.weight))
 
     _register_all(pairs, register)
     return errors
+
+
+@torch.no_grad()
+def _restore_norm(target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
+    rebuilt_norm = float(target.weight.norm())
+    if rebuilt_norm > 0:
+        original = target.module.parametrizations[target.param_name].original
+        parametrization.rescale_(original, float(dense.norm()) / rebuilt_norm)
 
 
 StoredTensors = torch.Tensor | tuple[torch.Tensor, ...]

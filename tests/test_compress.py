@@ -103,6 +103,7 @@ def test_failure_leaves_model_exactly_as_it_was(mlp, monkeypatch):
         (dict(budget="1/100000"), r"smallest feasible budget is 1/\d+"),
         (dict(targets=["nothing_here"]), "matches no module"),
         (dict(targets=["0"]), "matches only layers that are excluded or not compressible"),  # nn.Flatten
+        (dict(init="zeros"), "unknown init 'zeros'"),
     ],
 )
 def test_bad_input_errors(mlp, kwargs, match):
@@ -196,3 +197,37 @@ def test_same_seed_same_model_other_seed_other_model(mlp):
     compress(c, budget="1/8", exclude=[], seed=2)
     assert torch.equal(a[1].weight, b[1].weight)
     assert not torch.equal(a[1].weight, c[1].weight)
+
+
+def _conv_and_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32 * 4 * 4, 64))
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["hashednets", "freshnets", "funhash", {"method": "funhash", "reconstruction": "linear"},
+     {"method": "funhash", "reconstruction": "sum"}, "freqreg", "pq", "binary_stack"],
+    ids=str,
+)
+def test_preserve_norm_gives_every_layer_its_dense_norm(method):
+    model = _conv_and_linear()
+    dense = {name: m.weight.detach().norm() for name, m in model.named_modules() if hasattr(m, "weight")}
+    projected = copy.deepcopy(model)
+    compress(projected, budget="1/16", method=method, exclude=[])
+    compress(model, budget="1/16", method=method, exclude=[], init="preserve_norm")
+    shrunk = False
+    for name, norm in dense.items():
+        rebuilt = getattr(model, name).weight.detach().norm()
+        torch.testing.assert_close(rebuilt, norm, rtol=1e-4, atol=0)
+        shrunk |= bool(getattr(projected, name).weight.detach().norm() < 0.9 * norm)
+    assert shrunk, "the projection of a random init should shrink some layer (else this test shows nothing)"
+
+
+def test_preserve_norm_refuses_a_fixed_g_on_a_shared_space_and_leaves_the_model(mlp):
+    before = copy.deepcopy(mlp.state_dict())
+    method = {"method": "funhash", "reconstruction": "sum", "shared_space": True}
+    with pytest.raises(ValueError, match="cannot be rescaled per layer"):
+        compress(mlp, budget="1/8", method=method, exclude=[], init="preserve_norm")
+    assert not any(parametrize.is_parametrized(m) for m in mlp.modules())
+    assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())

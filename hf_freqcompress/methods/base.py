@@ -155,6 +155,18 @@ class CompressedWeight(nn.Module):
         """
         return None
 
+    @torch.no_grad()
+    def rescale_(self, original: torch.Tensor, factor: float) -> None:
+        """Multiply the rebuilt weight by ``factor`` exactly, in place.
+
+        ``compress(init="preserve_norm")`` uses it to give a freshly
+        initialised layer back the scale its initialiser chose: projecting
+        random weights averages many of them into each stored value and
+        shrinks the layer by about sqrt(budget). The default fits every method
+        whose reconstruction is linear in ``original``; others override it.
+        """
+        original.mul_(factor)
+
     # -- loading ----------------------------------------------------------------
     def rebuild_caches(self, device: torch.device) -> None:
         """Recompute every non-persistent buffer on ``device``.
@@ -192,6 +204,7 @@ class CompressedWeight(nn.Module):
     def stored_values(self, original: torch.Tensor) -> int:
         """Numbers this layer stores once training is finalized: ``original`` plus :meth:`extra_values`."""
         return original.numel() + self.extra_values()
+
     def training_values(self) -> int:
         """Numbers that exist only while training (e.g. selection logits): not stored, gone after ``finalize()``."""
         return 0

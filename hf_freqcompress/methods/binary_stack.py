@@ -269,6 +269,11 @@ class BinaryStackWeight(CompressedWeight):
             slices = bank.index_select(0, self.selection().reshape(-1)).view(layout.filters, layout.slices, -1)
         return (slices * self.scale.to(bank.dtype)).reshape(self.spec.shape)
 
+    @torch.no_grad()
+    def rescale_(self, original: torch.Tensor, factor: float) -> None:
+        """The bank is binary; the learned scales carry the magnitude."""
+        self.scale.mul_(factor)
+
     def project(self, weight: torch.Tensor) -> torch.Tensor:
         """Least-squares fit of bank, selection and scales to ``weight`` by binary k-means.
 

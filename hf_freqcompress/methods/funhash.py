@@ -157,6 +157,10 @@ class _Reconstruction(nn.Module):
         """dg/dz_u at every virtual weight, U tensors (N,) in float64 (nonlinear g only)."""
         raise NotImplementedError
 
+    def scale_output_(self, factor: float) -> bool:
+        """Multiply g's output by ``factor`` through its own parameters; False if g has none to scale."""
+        return False
+
 
 class _Sum(_Reconstruction):
     """g(z) = sum(z) / sqrt(U), fixed."""
@@ -178,6 +182,10 @@ class _Linear(_Reconstruction):
 
     def first(self, like: torch.Tensor) -> torch.Tensor:
         return self.weight.unsqueeze(1)
+
+    def scale_output_(self, factor: float) -> bool:
+        self.weight.mul_(factor)
+        return True
 
 
 class _Mlp(_Reconstruction):
@@ -223,6 +231,10 @@ class _Mlp(_Reconstruction):
         if rms > 0:
             self.hidden.div_(rms)
             self.output.mul_(rms)
+
+    def scale_output_(self, factor: float) -> bool:
+        self.output.mul_(factor)  # tanh stays in the range normalize_ chose
+        return True
 
     def row_slopes(self, columns: list[torch.Tensor]) -> list[torch.Tensor]:
         hidden, output = self.hidden.detach().double(), self.output.detach().double()
@@ -452,6 +464,18 @@ class FunHashWeight(CompressedWeight):
             return self._empty_original(weight)
         self.g.to(dtype=weight.dtype)
         return _fit_space([self], [weight], self.space_size).to(weight.dtype)
+
+    @torch.no_grad()
+    def rescale_(self, original: torch.Tensor, factor: float) -> None:
+        """Through g's output when it is learned; through the values when g is fixed and they are this layer's own."""
+        if self.g.scale_output_(factor):
+            return
+        if self.config.shared_space:
+            raise ValueError(
+                f"layer {self.spec.name!r}: a fixed g ('sum') on a shared space cannot be rescaled per layer; "
+                "use reconstruction='linear' or 'mlp', or init='project'"
+            )
+        original.mul_(factor)
 
     def _empty_original(self, weight: torch.Tensor) -> torch.Tensor:
         """shared_space: the space was fitted jointly in prepare_group; ``original`` stays empty."""

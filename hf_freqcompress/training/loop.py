@@ -190,6 +190,7 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         report = compress(
             model, budget=spec.budget, method={"method": spec.method, **spec.options}, targets=spec.targets,
             exclude=spec.exclude, seed=spec.seed, storage_dtype=spec.storage_dtype,
+            init=spec.init,
         )
     except ValueError as error:
         raise RecipeError(f"compression: {error}") from None

@@ -70,6 +70,7 @@ class CompressionSection:
     exclude: list[str] | None = None
     seed: int = 0
     storage_dtype: str | None = None
+    init: str = "project"
 
 
 @dataclass
