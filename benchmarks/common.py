@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from hf_freqcompress.layers import find_layer_kind
 
 __all__ = [
     "accuracy_row",
+    "alternating_ratio",
     "compress_from_scratch",
     "benchmark_parser",
     "mnist_tensors",
@@ -177,6 +179,19 @@ def compress_from_scratch(model: nn.Module, budget: str, config, seed: int) -> i
     untrainable at 1/64. Same treatment for every method.
     """
     return compress(model, budget=budget, method=config, exclude=[], seed=seed, init="preserve_norm").stored_values
+
+
+def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
+    """median time of ``other`` / median time of ``reference``, alternating the two so drift and noise hit both."""
+
+    def timed(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    reference(), other()  # warm-up: allocator, caches, lazy init
+    times = [(timed(reference), timed(other)) for _ in range(repeats)]
+    return statistics.median(t for _, t in times) / statistics.median(t for t, _ in times)
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:

@@ -1,64 +1,141 @@
-"""HashedNets' MNIST experiment: the 784-1000-10 network at 1/8 and 1/64.
+"""HashedNets' and FunHashNN's MNIST experiments, every row trained alike in one run.
 
-Rows: the dense network, HashedNets at each budget (every layer compressed,
-the output layer included, as in the paper) and an equal-size dense network
-whose hidden width gives the same number of weights as the stored values.
-The paper's errors: 1.43% at 1/8 and 2.79% at 1/64 (equal-size dense: ~6%).
+Rows:
+
+- the HashedNets paper's 784-1000-10 network: dense, then at 1/8 and 1/64
+  each method of ``--methods`` and an equal-size dense network (the hidden
+  width whose weights match the stored values);
+- a 5-layer MLP (784-500-500-500-10) at 1/64 with each method;
+- the train-step time of every other method relative to the first, on
+  784-1000-10 at each budget (interleaved medians, so load hits both alike).
+
+Every layer is compressed, the output layer included (``exclude=[]``), as in
+both papers, from a fresh init with ``init="preserve_norm"``. Same seed,
+batches, epochs and optimizer for every row. Paper errors on 784-1000-10:
+HashedNets 1.43% at 1/8 and 2.79% at 1/64 (equal-size dense ~6%); FunHashNN
+claims lower errors than HashedNets at the same budget.
 
     python benchmarks/mnist_mlp.py --out docs/results/mnist_mlp.json
+    python benchmarks/mnist_mlp.py --methods funhash '{"method": "funhash", "reconstruction": "linear"}'
 """
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import torch
 from torch import nn
 
+from hf_freqcompress.methods import MethodConfig, resolve_config
 
-from common import accuracy_row, benchmark_parser, compress_from_scratch, mnist_tensors, print_table, train_classifier, write_results
+from common import (
+    accuracy_row,
+    alternating_ratio,
+    benchmark_parser,
+    compress_from_scratch,
+    mnist_tensors,
+    print_table,
+    train_classifier,
+    write_results,
+)
 
+WIDE = (784, 1000, 10)
+DEEP = (784, 500, 500, 500, 10)
 BUDGETS = ("1/8", "1/64")
-HIDDEN = 1000
+DEEP_BUDGET = "1/64"
+COLUMNS = ["model", "method", "budget", "stored_values", "test_error_pct", "epochs", "seconds"]
 
 
-def mlp(hidden: int, dropout: float) -> nn.Module:
-    return nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 10))
+def mlp(sizes: tuple[int, ...], dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in zip(sizes, sizes[1:]):
+        layers += [nn.Linear(fan_in, fan_out), nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers[:-2])
 
 
-def weight_count(model: nn.Module) -> int:
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+def label(sizes: tuple[int, ...]) -> str:
+    return f"mlp{'5' if len(sizes) > 3 else ''}-{'-'.join(map(str, sizes))}"
 
 
-def run(label: str, method: str, budget: str, model: nn.Module, data, args, epochs: int) -> dict:
+def method_label(config: MethodConfig) -> str:
+    """The method's name, plus the options that differ from its defaults (one plot line each)."""
+    defaults = type(config)().to_dict()
+    changed = [f"{k}={v}" for k, v in config.to_dict().items() if defaults[k] != v]
+    return f"{config.method}[{','.join(changed)}]" if changed else config.method
+
+
+def parse_method(text: str) -> MethodConfig:
+    return resolve_config(json.loads(text) if text.lstrip().startswith("{") else text)
+
+
+def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, args) -> dict[str, Any]:
     train_x, train_y, test_x, test_y = data
-    dense_values = weight_count(model)
-    stored = dense_values
-    if method == "hashednets":
-        stored = compress_from_scratch(model, budget, method, args.seed)
     torch.manual_seed(args.seed)
-    seconds = train_classifier(model, train_x, train_y, epochs=epochs, lr=args.lr, seed=args.seed)
-    return accuracy_row(label, method, budget, model, (test_x, test_y), dense_values=dense_values,
-                        stored_values=stored, epochs=epochs, seconds=seconds)
+    model = mlp(sizes, args.dropout)
+    dense_values = sum(a * b for a, b in zip(sizes, sizes[1:]))
+    stored = compress_from_scratch(model, budget, config, args.seed) if config else dense_values
+    torch.manual_seed(args.seed)
+    seconds = train_classifier(model, train_x, train_y, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
+                               batch_size=args.batch_size, seed=args.seed)
+    row = accuracy_row(label(sizes), method_label(config) if config else "dense", budget if config else "1", model,
+                       (test_x, test_y), dense_values=dense_values, stored_values=stored, epochs=args.epochs,
+                       seconds=seconds)
+    print_table([row], COLUMNS)
+    return row
+
+
+def step_time_ratio(config: MethodConfig, reference: MethodConfig, budget: str, args) -> dict[str, Any]:
+    """Train-step time with ``config`` / with ``reference`` on 784-1000-10, same batch."""
+    x, y = torch.randn(args.batch_size, WIDE[0]), torch.randint(0, 10, (args.batch_size,))
+
+    def stepper(method: MethodConfig):
+        torch.manual_seed(args.seed)
+        model = mlp(WIDE, args.dropout)
+        compress_from_scratch(model, budget, method, args.seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+
+        def step() -> None:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    ratio = alternating_ratio(stepper(reference), stepper(config), args.timing_steps)
+    return {"model": label(WIDE), "method": method_label(config), "budget": budget,
+            "metric": f"train_step_vs_{method_label(reference)}", "value": round(ratio, 3)}
 
 
 def main() -> None:
     parser = benchmark_parser(__doc__)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--methods", nargs="+", default=["hashednets", "funhash"],
+                        help="method names or JSON configs; the first is the step-time reference")
+    parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense and equal-size rows")
+    parser.add_argument("--no-deep", action="store_true", help="skip the 5-layer MLP rows")
     args = parser.parse_args()
+    args.epochs = args.epochs or (3 if args.quick else 30)
     torch.set_num_threads(args.threads)
-    epochs = args.epochs or (3 if args.quick else 40)
+    methods = [parse_method(text) for text in args.methods]
     data = mnist_tensors(flatten=True)
-    rows = []
-    torch.manual_seed(args.seed)
-    rows.append(run("mlp-784-1000-10", "dense", "1", mlp(HIDDEN, args.dropout), data, args, epochs))
+    rows = [] if args.no_dense else [run(WIDE, None, "1", data, args)]
     for budget in BUDGETS:
-        torch.manual_seed(args.seed)
-        rows.append(run("mlp-784-1000-10", "hashednets", budget, mlp(HIDDEN, args.dropout), data, args, epochs))
-        stored = rows[-1]["stored_values"]
-        width = max(1, round(stored / (784 + 10)))
-        torch.manual_seed(args.seed)
-        rows.append(run(f"mlp-784-{width}-10", "dense_equal_size", budget, mlp(width, args.dropout), data, args, epochs))
-        print_table(rows, ["model", "method", "budget", "stored_values", "test_error_pct", "seconds"])
+        rows += [run(WIDE, config, budget, data, args) for config in methods]
+        if not args.no_dense:
+            width = max(1, round(rows[-1]["stored_values"] / (WIDE[0] + WIDE[-1])))
+            rows.append({**run((WIDE[0], width, WIDE[-1]), None, budget, data, args),
+                         "method": "dense_equal_size", "budget": budget})
+    if not args.no_deep:
+        rows += [run(DEEP, config, DEEP_BUDGET, data, args) for config in methods]
+    rows += [step_time_ratio(config, methods[0], budget, args) for config in methods[1:] for budget in BUDGETS]
+    print_table([r for r in rows if "test_error_pct" in r], COLUMNS)
+    print_table([r for r in rows if "metric" in r], ["model", "method", "budget", "metric", "value"])
     write_results("mnist_mlp", rows, args.out)
 
 
