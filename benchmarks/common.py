@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -198,7 +199,7 @@ def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -
     """Write the rows as JSON, with the command that produced them (docs quote it)."""
     if out is None:
         return
-    command = " ".join(["python", *sys.argv])
+    command = shlex.join(["python", *sys.argv])  # quoted, so JSON-valued arguments paste back as they ran
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": name, "command": command, "rows": list(rows)}, indent=2) + "\n")
     print(f"wrote {out}")
