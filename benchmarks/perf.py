@@ -220,16 +220,20 @@ def main() -> None:
     parser.add_argument("--budget", default="1/16")
     parser.add_argument("--methods", nargs="+", default=[*available_methods(), *EXTRA_VARIANTS])
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--models", nargs="+", help="only these workloads (e.g. resnet18); skips compress timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    workloads = [w for w in workloads if w.model in args.models] if args.models else workloads
+    timing_models = COMPRESS_TIMING_MODELS[:1] if args.quick else COMPRESS_TIMING_MODELS
+    timing_models = () if args.models else timing_models
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     for method in args.methods:
         for workload in workloads:
             rows += measure(workload, method, args.budget, repeats, with_memory=not args.quick)
             print_table(rows, ["model", "method", "budget", "metric", "value"])
-        for model_name in COMPRESS_TIMING_MODELS[:1] if args.quick else COMPRESS_TIMING_MODELS:
+        for model_name in timing_models:
             rows.append(compress_seconds(model_name, method, args.budget))
     print_table(rows, ["model", "method", "budget", "metric", "value"])
     write_results("perf", rows, args.out)

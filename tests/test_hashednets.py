@@ -173,3 +173,16 @@ def test_dtypes_are_preserved(dtype):
     compress(model, budget="1/4", exclude=[])
     assert model[0].weight.dtype == dtype
     assert model(torch.randn(2, 64, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted")])
+def test_sorted_backward_traces_under_torch_compile(config):
+    # aot_eager traces forward and backward like inductor does, without a C++ build (inductor: see docs/results/perf.md)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    compress(model, budget=300, exclude=[], method=config)
+    x = torch.randn(4, 64)
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(x).sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))

@@ -145,6 +145,8 @@ class HashedNetsWeight(CompressedWeight):
 
     def _element_index(self, device: torch.device) -> torch.Tensor:
         """Folded value index in [0, 2K) of every weight: which value and sign it reads."""
+        if self.block_size == 1:  # already per weight; skips N int64 divisions when compressing
+            return self._index(device)
         folded = self._index(device).long().unsqueeze(1)
         negative = folded >= self.rows
         row = folded - self.rows * negative
