@@ -177,7 +177,7 @@ def test_dtypes_are_preserved(dtype):
 
 @pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted")])
 def test_sorted_backward_traces_under_torch_compile(config):
-    # aot_eager traces forward and backward like inductor does, without a C++ build (inductor: see docs/results/perf.md)
+    # aot_eager traces forward and backward as inductor would, without a slow C++ build
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
     compress(model, budget=300, exclude=[], method=config)
     x = torch.randn(4, 64)

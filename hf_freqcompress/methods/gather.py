@@ -13,11 +13,12 @@ stable sort, so equal rows keep their original order) and where each row's
 run starts: a CSR matrix of shape (rows, units) with every entry 1. The
 backward of :func:`gather_rows` is then a segment sum, ``grad_table = S @
 grad``, a fixed-order reduction per row: the same bits in every run of a
-given device. For the tiled layout (rows of many values) it is several times
-faster than the scatter on CPU; for per-weight hashing, whose memory accesses
-are random either way, it gained nothing on CPU in our measurements
-(docs/results/perf.md), so there the sorted plan is opt-in. Its price is 4
-bytes per unit plus 4 per row, in ``cache_bytes``.
+given device. Its price is 4 bytes per unit plus 4 per row, in
+``cache_bytes``. Speed on CPU is mixed (docs/results/perf.md): for per-weight
+hashing, whose memory accesses are random either way, it gained nothing; for
+the tiled layout it won on single large layers but lost on resnet18 as a
+whole, where the sparse product's per-call overhead dominates small layers.
+Its sure gain is determinism where the scatter uses atomics (CUDA).
 
 How the segment sum runs is registered per device type: on CPU a sparse CSR
 product (MKL, parallel over rows; each row summed in a fixed order), elsewhere
