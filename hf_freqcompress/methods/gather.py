@@ -16,9 +16,9 @@ grad``, a fixed-order reduction per row: the same bits in every run of a
 given device. Its price is 4 bytes per unit plus 4 per row, in
 ``cache_bytes``. Speed on CPU is mixed (docs/results/perf.md): for per-weight
 hashing, whose memory accesses are random either way, it gained nothing; for
-the tiled layout it won on single large layers but lost on resnet18 as a
-whole, where the sparse product's per-call overhead dominates small layers.
-Its sure gain is determinism where the scatter uses atomics (CUDA).
+the tiled layout it halved vgg11_bn's reconstruction time (large layers) but
+lost on resnet18, where the sparse product's per-call overhead dominates small
+layers. Its sure gain is determinism where the scatter uses atomics (CUDA).
 
 How the segment sum runs is registered per device type: on CPU a sparse CSR
 product (MKL, parallel over rows; each row summed in a fixed order), elsewhere
