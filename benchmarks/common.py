@@ -36,6 +36,7 @@ __all__ = [
     "mnist_tensors",
     "train_classifier",
     "test_error_pct",
+    "timed",
     "other_values",
     "write_results",
     "print_table",
@@ -182,14 +183,15 @@ def compress_from_scratch(model: nn.Module, budget: str, config, seed: int) -> i
     return compress(model, budget=budget, method=config, exclude=[], seed=seed, init="preserve_norm").stored_values
 
 
+def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
     """median time of ``other`` / median time of ``reference``, alternating the two so drift and noise hit both."""
-
-    def timed(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
     reference(), other()  # warm-up: allocator, caches, lazy init
     times = [(timed(reference), timed(other)) for _ in range(repeats)]
     return statistics.median(t for _, t in times) / statistics.median(t for t, _ in times)

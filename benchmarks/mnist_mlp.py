@@ -112,6 +112,7 @@ def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--methods", nargs="+", default=["hashednets", "funhash"],
                         help="method names or JSON configs; the first is the step-time reference")
+    parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="784-1000-10 budgets")
     parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -125,7 +126,7 @@ def main() -> None:
     methods = [parse_method(text) for text in args.methods]
     data = mnist_tensors(flatten=True)
     rows = [] if args.no_dense else [run(WIDE, None, "1", data, args)]
-    for budget in BUDGETS:
+    for budget in args.budgets:
         rows += [run(WIDE, config, budget, data, args) for config in methods]
         if not args.no_dense:
             width = max(1, round(rows[-1]["stored_values"] / (WIDE[0] + WIDE[-1])))
@@ -133,7 +134,7 @@ def main() -> None:
                          "method": "dense_equal_size", "budget": budget})
     if not args.no_deep:
         rows += [run(DEEP, config, DEEP_BUDGET, data, args) for config in methods]
-    rows += [step_time_ratio(config, methods[0], budget, args) for config in methods[1:] for budget in BUDGETS]
+    rows += [step_time_ratio(config, methods[0], budget, args) for config in methods[1:] for budget in args.budgets]
     print_table([r for r in rows if "test_error_pct" in r], COLUMNS)
     print_table([r for r in rows if "metric" in r], ["model", "method", "budget", "metric", "value"])
     write_results("mnist_mlp", rows, args.out)

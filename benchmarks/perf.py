@@ -11,14 +11,17 @@ For each model and method (at 1/16 unless told otherwise):
   never be produced faster than it is written);
 - ``persistent_memory_ratio``: bytes of everything the compressed layers keep
   (stored values, caches) / ``report.stored_bytes``;
-- ``peak_train_memory_ratio``: peak RSS of a process that builds the model,
-  (compresses it) and trains two steps, compressed / dense; the dense model
-  exists before ``compress()``, so this bounds the whole workflow, not the
-  training step alone;
+- ``peak_train_memory_ratio``: peak RSS during two training steps,
+  compressed / dense, each in a fresh process: after the model is built (and
+  compressed) the process resets its high-water mark (``5`` into
+  ``/proc/self/clear_refs``), so building the dense model first does not
+  count, then reads ``VmHWM`` after the steps (Linux only);
 - ``compress_seconds``: wall time of ``compress()`` on resnet50 and vit_base.
 
-Timings alternate dense and compressed steps and take medians, so machine
-noise hits both sides alike.
+Methods are registered names or ``name:key=value,...`` with config options
+(``hashednets:block_size=64`` is the tiled layout); by default every
+registered method plus the tiled HashedNets. Timings alternate dense and
+compressed steps and take medians, so machine noise hits both sides alike.
 
     python benchmarks/perf.py --out docs/results/perf.json
 """
@@ -26,13 +29,10 @@ noise hits both sides alike.
 from __future__ import annotations
 
 import copy
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
 
 import timm
 import torch
@@ -40,9 +40,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import available_methods, compress, materialize
+from hf_freqcompress.methods import MethodConfig, get_method
+from hf_freqcompress.models import parse_model_args
 from hf_freqcompress.surgery import compressed_weights
 
-from common import benchmark_parser, print_table, write_results
+from common import alternating_ratio, benchmark_parser, print_table, timed, write_results
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,13 @@ WORKLOADS = (
 )
 QUICK_WORKLOADS = (Workload("resnet18", 8, 64),)
 COMPRESS_TIMING_MODELS = ("resnet50", "vit_base_patch16_224")
-DEFAULT_METHODS = ("hashednets", "freshnets")
+EXTRA_VARIANTS = ("hashednets:block_size=64",)
+
+
+def method_config(spec: str) -> MethodConfig:
+    """``name`` or ``name:key=value,...`` -> the method's config (values parsed as JSON)."""
+    name, _, options = spec.partition(":")
+    return get_method(name).config_class.from_dict(parse_model_args(options.split(",") if options else []))
 
 
 def build(workload: Workload) -> nn.Module:
@@ -79,22 +87,6 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def alternating_ratio(dense: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
-    """median(other) / median(dense), alternating the two so drift and noise hit both."""
-    dense(), other()  # warm-up: allocator, caches, lazy init
-    dense_times, other_times = [], []
-    for _ in range(repeats):
-        dense_times.append(timed(dense))
-        other_times.append(timed(other))
-    return statistics.median(other_times) / statistics.median(dense_times)
 
 
 def reconstruct_vs_memcpy(model: nn.Module, repeats: int) -> float:
@@ -126,7 +118,7 @@ def persistent_bytes(model: nn.Module) -> int:
 
 
 def peak_rss_ratio(workload: Workload, method: str, budget: str) -> float:
-    """Peak RSS of a training step in a fresh process, compressed / dense."""
+    """Peak RSS of two training steps in a fresh process, compressed / dense."""
 
     def peak(compressed_method: str | None) -> int:
         command = [sys.executable, __file__, "--peak-rss", workload.model, str(workload.batch), str(workload.image),
@@ -136,24 +128,37 @@ def peak_rss_ratio(workload: Workload, method: str, budget: str) -> float:
     return peak(method) / peak(None)
 
 
+def high_water_bytes() -> int:
+    """This process's peak RSS (VmHWM) since start or the last :func:`reset_high_water`."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def reset_high_water() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def measure_peak_rss(model_name: str, batch: int, image: int, method: str, budget: str) -> None:
     torch.set_num_threads(2)
     workload = Workload(model_name, batch, image)
     model = build(workload)
     if method != "dense":
-        compress(model, budget=budget, method=method)
+        compress(model, budget=budget, method=method_config(method))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x, y = inputs_for(workload)
+    reset_high_water()
     for _ in range(2):
         train_step(model, optimizer, x, y)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    print(high_water_bytes())
 
 
 def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool) -> list[dict]:
     torch.manual_seed(0)
     dense = build(workload)
     compressed = copy.deepcopy(dense)
-    report = compress(compressed, budget=budget, method=method)
+    report = compress(compressed, budget=budget, method=method_config(method))
     x, y = inputs_for(workload)
     dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
     compressed_optimizer = torch.optim.SGD(compressed.parameters(), lr=0.01, momentum=0.9)
@@ -182,7 +187,7 @@ def measure(workload: Workload, method: str, budget: str, repeats: int, with_mem
 
 def compress_seconds(model_name: str, method: str, budget: str) -> dict:
     model = timm.create_model(model_name, pretrained=False)
-    seconds = timed(lambda: compress(model, budget=budget, method=method))
+    seconds = timed(lambda: compress(model, budget=budget, method=method_config(method)))
     return {"model": model_name, "method": method, "budget": budget, "metric": "compress_seconds",
             "value": round(seconds, 3)}
 
@@ -194,18 +199,22 @@ def main() -> None:
         return
     parser = benchmark_parser(__doc__)
     parser.add_argument("--budget", default="1/16")
-    parser.add_argument("--methods", nargs="+", default=[m for m in DEFAULT_METHODS if m in available_methods()])
+    parser.add_argument("--methods", nargs="+", default=[*available_methods(), *EXTRA_VARIANTS])
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--models", nargs="+", help="only these workloads (e.g. resnet18); skips compress timing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
+    workloads = [w for w in workloads if w.model in args.models] if args.models else workloads
+    timing_models = COMPRESS_TIMING_MODELS[:1] if args.quick else COMPRESS_TIMING_MODELS
+    timing_models = () if args.models else timing_models
     repeats = args.repeats or (3 if args.quick else 7)
     rows = []
     for method in args.methods:
         for workload in workloads:
             rows += measure(workload, method, args.budget, repeats, with_memory=not args.quick)
             print_table(rows, ["model", "method", "budget", "metric", "value"])
-        for model_name in COMPRESS_TIMING_MODELS[:1] if args.quick else COMPRESS_TIMING_MODELS:
+        for model_name in timing_models:
             rows.append(compress_seconds(model_name, method, args.budget))
     print_table(rows, ["model", "method", "budget", "metric", "value"])
     write_results("perf", rows, args.out)

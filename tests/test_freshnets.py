@@ -139,6 +139,10 @@ def test_bad_config_is_rejected():
         FreshNetsConfig(alpha=0)
     with pytest.raises(ValueError, match="allocation"):
         FreshNetsConfig(allocation="linear")
+    with pytest.raises(ValueError, match="block_size must be 1.*hashednets"):
+        FreshNetsConfig(block_size=8)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+        FreshNetsConfig(block_size=0)
     assert FreshNetsConfig.from_dict(FreshNetsConfig(beta=4.0).to_dict()) == FreshNetsConfig(beta=4.0)
 
 

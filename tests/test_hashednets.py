@@ -3,9 +3,11 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from hf_freqcompress import HashedNetsConfig, compress
+from hf_freqcompress import HashedNetsConfig, compress, from_pretrained, save_pretrained
 from hf_freqcompress.hashing import bucket_of, hash32, layer_key, sign_bit
+from hf_freqcompress.models import build_model
 
 
 def naive_hashednets(values: torch.Tensor, shape, name: str, seed: int) -> torch.Tensor:
@@ -21,6 +23,20 @@ def naive_hashednets(values: torch.Tensor, shape, name: str, seed: int) -> torch
     return flat.view(shape)
 
 
+def naive_tiled(values: torch.Tensor, shape, block: int, name: str, seed: int) -> torch.Tensor:
+    """ROAST's layout one weight at a time: W[jB + t] = sign(j) * v[(h(j) B + t) mod K], R = ceil(K / B) rows."""
+    buckets = values.numel()
+    rows = -(-buckets // block)
+    index_key, sign_key = layer_key(seed, name, "index"), layer_key(seed, name, "sign")
+    flat = torch.empty(int(torch.tensor(shape).prod()))
+    for i in range(flat.numel()):
+        position = torch.tensor([i // block])
+        row = int(bucket_of(hash32(position, index_key), rows))
+        sign = -1.0 if int(sign_bit(hash32(position, sign_key))) else 1.0
+        flat[i] = sign * values[(row * block + i % block) % buckets]
+    return flat.view(shape)
+
+
 @pytest.mark.parametrize("layer", [nn.Linear(20, 12), nn.Conv2d(4, 6, (3, 2), groups=2)])
 def test_matches_naive_reference(layer):
     model = nn.Sequential(layer)
@@ -32,11 +48,33 @@ def test_matches_naive_reference(layer):
     assert torch.equal(layer.weight.detach(), expected)
 
 
-def test_right_inverse_is_least_squares_projection():
+# budget 37 with blocks of 8: 5 rows, the last wrapping to v[0:3]; 240 weights = 30 blocks;
+# (13, 7) = 91 weights ends in a partial block
+@pytest.mark.parametrize("shape, block", [((12, 20), 8), ((13, 7), 8), ((12, 20), 64)])
+def test_tiled_matches_naive_reference_and_keeps_the_budget(shape, block):
+    layer = nn.Linear(shape[1], shape[0])
+    report = compress(nn.Sequential(layer), budget=37, exclude=[], method=HashedNetsConfig(block_size=block))
+    parametrization = layer.parametrizations.weight
+    assert parametrization.original.numel() == report.stored_values == 37
+    assert parametrization[0].signed_index.numel() == -(-layer.weight.numel() // block)
+    expected = naive_tiled(parametrization.original.detach(), shape, block, "0.weight", 0)
+    assert torch.equal(layer.weight.detach(), expected)
+
+
+def test_block_size_one_is_per_weight_hashing():
+    plain, tiled = nn.Linear(20, 12), nn.Linear(20, 12)
+    tiled.load_state_dict(plain.state_dict())
+    compress(nn.Sequential(plain), budget=37, exclude=[])
+    compress(nn.Sequential(tiled), budget=37, exclude=[], method=HashedNetsConfig(block_size=1, backward="sorted"))
+    assert torch.equal(plain.weight, tiled.weight)
+
+
+@pytest.mark.parametrize("block", [1, 4, 7])
+def test_right_inverse_is_least_squares_projection(block):
     layer = nn.Linear(30, 20)
     dense = layer.weight.detach().clone()
     model = nn.Sequential(layer)
-    compress(model, budget=50, exclude=[])
+    compress(model, budget=50, exclude=[], method=HashedNetsConfig(block_size=block))
     values = model[0].parametrizations.weight.original.detach()
     # the reconstruction is linear in v: W_hat = A v; least squares v* = argmin ||A v - w||
     basis = torch.stack([model[0].parametrizations.weight[0].reconstruct(torch.eye(50)[k]).reshape(-1)
@@ -54,6 +92,51 @@ def test_right_inverse_recovers_a_hashed_weight_exactly():
         other.weight.copy_(hashed)
     compress(nn.Sequential(other), budget=20, exclude=[])
     assert torch.allclose(other.weight, hashed, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_sorted_and_scatter_backward_give_the_same_gradients(block):
+    grads = {}
+    for backward in ("scatter", "sorted"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).double()
+        compress(model, budget=300, exclude=[], method=HashedNetsConfig(block_size=block, backward=backward))
+        model(torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
+        grads[backward] = [p.grad for p in model.parameters()]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads["scatter"], grads["sorted"]))
+
+
+def test_sorted_plan_is_cached_and_reported():
+    model = nn.Sequential(nn.Linear(40, 30))
+    report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(block_size=8))
+    weight = model[0].parametrizations.weight[0]
+    # 150 blocks: index and sorted order 150 int32 each, row starts 2 * 13 + 1 int32
+    assert weight.sorted_order.numel() == 150 and weight.row_starts.numel() == 27
+    assert report.cache_bytes == 4 * (150 + 150 + 27)
+    assert list(model.state_dict()) == ["0.bias", "0.parametrizations.weight.original"]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"block_size": 0}, "block_size must be an int >= 1"),
+    ({"block_size": -4}, "block_size must be an int >= 1"),
+    ({"block_size": 2.5}, "block_size must be an int >= 1"),
+    ({"block_size": True}, "block_size must be an int >= 1"),
+    ({"backward": "atomic"}, "unknown hashednets backward 'atomic'"),
+    ({"backward": "sorted", "cache_indices": False}, "needs cache_indices=True"),
+])
+def test_bad_options_are_clear_errors(options, match):
+    with pytest.raises(ValueError, match=match):
+        HashedNetsConfig(**options)
+
+
+def test_tiled_layout_round_trips_through_a_checkpoint(tmp_path):
+    model = build_model("timm:mnist_mlp").eval()
+    compress(model, budget="1/64", exclude=[], method=HashedNetsConfig(block_size=16))
+    x = torch.randn(4, 784)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "ckpt")).eval()
+    layers = [m for m in loaded.modules() if parametrize.is_parametrized(m)]
+    assert layers and all(m.parametrizations.weight[0].block_size == 16 for m in layers)
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_gradients_reach_every_used_bucket():
@@ -90,3 +173,16 @@ def test_dtypes_are_preserved(dtype):
     compress(model, budget="1/4", exclude=[])
     assert model[0].weight.dtype == dtype
     assert model(torch.randn(2, 64, dtype=dtype)).dtype == dtype
+
+
+@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted")])
+def test_sorted_backward_traces_under_torch_compile(config):
+    # aot_eager traces forward and backward as inductor would, without a slow C++ build
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    compress(model, budget=300, exclude=[], method=config)
+    x = torch.randn(4, 64)
+    model(x).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(x).sum().backward()
+    assert all(torch.allclose(p.grad, g, atol=1e-6) for p, g in zip(model.parameters(), expected))

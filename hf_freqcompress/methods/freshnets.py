@@ -75,7 +75,7 @@ ALLOCATIONS = ("beta", "uniform")
 
 @dataclass
 class FreshNetsConfig(HashedNetsConfig):
-    """Options of ``freshnets`` (plus ``cache_indices`` from HashedNets).
+    """Options of ``freshnets`` (plus ``cache_indices`` and ``backward`` from HashedNets).
 
     alpha, beta: the Beta density that sets each frequency band's share of
     buckets per coefficient (module docstring). The defaults, alpha = 1 and
@@ -91,6 +91,12 @@ class FreshNetsConfig(HashedNetsConfig):
     allocation: str = "beta"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size != 1:
+            raise ValueError(
+                f"freshnets hashes each DCT coefficient within its frequency band, so block_size must be 1, "
+                f"got {self.block_size}; use method='hashednets' for the tiled layout"
+            )
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown freshnets allocation {self.allocation!r}; use one of {list(ALLOCATIONS)}")
         for name in ("alpha", "beta"):

@@ -6,11 +6,31 @@ flat index). The sign hash makes collisions unbiased: two weights sharing a
 bucket with opposite signs cancel in expectation instead of adding up.
 
 Reconstruction is one gather from ``cat([v, -v])`` with a folded int32 index
-``h(i) + K * [sign(i) < 0]`` (see :func:`~hf_freqcompress.hashing.signed_buckets`),
-so the backward pass is a single scatter-add. The index is cached as a
-non-persistent int32 buffer by default (4 bytes per virtual weight, reported
-by ``cache_bytes``); ``cache_indices=False`` recomputes it every forward and
-holds no cache.
+``h(i) + K * [sign(i) < 0]`` (see :func:`~hf_freqcompress.hashing.signed_buckets`).
+The index is cached as a non-persistent int32 buffer by default (4 bytes per
+virtual weight, reported by ``cache_bytes``); ``cache_indices=False``
+recomputes it every forward and holds no cache.
+
+Tiled layout (``block_size`` = B > 1, ROAST: Desai et al. 2023). The K values
+are read as R = ceil(K / B) rows of B (wrapping around to the start of ``v``
+when B does not divide K, so every stored value is used and the budget stays
+exact). The flat weight is cut into blocks of B consecutive weights, and
+block j reads the whole row h(j) with one sign s(j), the same hashes as
+above applied to the block number:
+
+    W[j B + t] = s(j) * v[(h(j) B + t) mod K],   t = 0 .. B-1.
+
+Reconstruction is then a gather of contiguous rows (near a memory copy), and
+the index cache shrinks B-fold. B = 1 is per-weight HashedNets, bit for bit.
+Each weight still reads exactly one value with one sign, so the least-squares
+projection is the same signed bucket mean over the expanded element index.
+
+Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
+(:mod:`.gather`) so the gradient is a deterministic segment sum instead of a
+scatter (atomics on CUDA). ``"auto"`` (default) picks it for the tiled layout,
+whose plan is small (one entry per block), and the scatter for per-weight
+hashing, where the plan would cost 4 B per weight and measured no faster on
+CPU (docs/results/perf.md).
 """
 
 from __future__ import annotations
@@ -21,14 +41,12 @@ import torch
 
 from ..hashing import layer_key, signed_buckets_range
 from .base import CompressedWeight, MethodConfig
+from .gather import SortedRows, gather_rows, sort_rows
 from .registry import register_method
 
-__all__ = ["HashedNetsConfig", "HashedNetsWeight", "gather_signed", "signed_bucket_means"]
+__all__ = ["HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means"]
 
-
-def gather_signed(values: torch.Tensor, signed_index: torch.Tensor) -> torch.Tensor:
-    """``sign * values[bucket]`` for a folded index in [0, 2K): one gather, differentiable."""
-    return torch.cat([values, -values]).index_select(0, signed_index)
+BACKWARDS = ("auto", "scatter", "sorted")
 
 
 def signed_bucket_means(weight: torch.Tensor, signed_index: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -52,11 +70,32 @@ class HashedNetsConfig(MethodConfig):
     """Options of ``hashednets``.
 
     cache_indices: keep the folded hash index as an int32 buffer (fast, 4 B
-    per virtual weight) instead of rehashing on every forward.
+    per hashed unit) instead of rehashing on every forward.
+    block_size: weights per hashed block; 1 hashes every weight (the paper),
+    B > 1 is the tiled ROAST layout (module docstring).
+    backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
+    deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
+    block_size > 1 and indices are cached).
     """
 
     method = "hashednets"
     cache_indices: bool = True
+    block_size: int = 1
+    backward: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"{self.method} block_size must be an int >= 1 (1 = per-weight hashing), got {self.block_size!r}")
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"unknown {self.method} backward {self.backward!r}; use one of {list(BACKWARDS)}")
+        if self.backward == "sorted" and not self.cache_indices:
+            raise ValueError(f'{self.method} backward="sorted" needs cache_indices=True (the plan is built from the cached index)')
+
+    @property
+    def sorted_backward(self) -> bool:
+        if self.backward == "auto":
+            return self.cache_indices and self.block_size > 1
+        return self.backward == "sorted"
 
 
 @register_method
@@ -66,23 +105,55 @@ class HashedNetsWeight(CompressedWeight):
     def __init__(self, spec, layer_kind, config, stored_values, seed, device=None) -> None:
         super().__init__(spec, layer_kind, config, stored_values, seed, device)
         self.buckets = self.planned_values
+        self.block_size = config.block_size
+        self.rows = -(-self.buckets // self.block_size)  # table rows of block_size values
+        self.blocks = -(-spec.numel // self.block_size)  # hashed units of the flat weight
         self._index_key = layer_key(seed, spec.name, "index")
         self._sign_key = layer_key(seed, spec.name, "sign")
-        cached = self._compute_index(device) if config.cache_indices else None
-        self.register_buffer("signed_index", cached, persistent=False)
+        for name in ("signed_index", "sorted_order", "row_starts"):
+            self.register_buffer(name, None, persistent=False)
+        self.rebuild_caches(device)
 
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
-        return signed_buckets_range(self.spec.numel, self.buckets, self._index_key, self._sign_key, device=device)
+        """Folded row index in [0, 2 * rows) of every block (every weight when block_size is 1)."""
+        return signed_buckets_range(self.blocks, self.rows, self._index_key, self._sign_key, device=device)
 
-    def rebuild_caches(self, device: torch.device) -> None:
-        if self.config.cache_indices:
-            self.signed_index = self._compute_index(device)
+    def rebuild_caches(self, device: torch.device | None) -> None:
+        if not self.config.cache_indices:
+            return
+        self.signed_index = self._compute_index(device)
+        if self.config.sorted_backward:
+            self.sorted_order, self.row_starts = sort_rows(self.signed_index, 2 * self.rows)
 
     def _index(self, device: torch.device) -> torch.Tensor:
         return self.signed_index if self.signed_index is not None else self._compute_index(device)
 
+    def _plan(self) -> SortedRows | None:
+        return None if self.sorted_order is None else (self.sorted_order, self.row_starts)
+
+    def _table(self, original: torch.Tensor) -> torch.Tensor:
+        """``cat([T, -T])`` with T the values as (rows, block_size), wrapped around; 1-D when block_size is 1."""
+        length = self.rows * self.block_size
+        wrapped = original if length == original.numel() else original.repeat(-(-length // original.numel()))[:length]
+        table = wrapped.view(self.rows, self.block_size).squeeze(1)
+        return torch.cat([table, -table])
+
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        return gather_signed(original, self._index(original.device)).view(self.spec.shape)
+        flat = gather_rows(self._table(original), self._index(original.device), self._plan()).reshape(-1)
+        if flat.numel() != self.spec.numel:  # a partial last block
+            flat = flat[: self.spec.numel]
+        return flat.view(self.spec.shape)
+
+    def _element_index(self, device: torch.device) -> torch.Tensor:
+        """Folded value index in [0, 2K) of every weight: which value and sign it reads."""
+        if self.block_size == 1:  # already per weight; skips N int64 divisions when compressing
+            return self._index(device)
+        folded = self._index(device).long().unsqueeze(1)
+        negative = folded >= self.rows
+        row = folded - self.rows * negative
+        offset = torch.arange(self.block_size, device=device)
+        value = (row * self.block_size + offset) % self.buckets
+        return (value + self.buckets * negative).view(-1)[: self.spec.numel]
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
-        return signed_bucket_means(weight, self._index(weight.device), self.buckets)
+        return signed_bucket_means(weight, self._element_index(weight.device), self.buckets)

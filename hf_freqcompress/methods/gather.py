@@ -1,0 +1,97 @@
+"""Row gathers from a small table, with a deterministic sorted backward.
+
+Hashed methods rebuild a weight as ``table[index]``: one row of the (signed)
+bucket table per hashed unit, a single value for per-weight hashing or a
+block of ``block_size`` values for the tiled layout. The gather itself is
+cheap; its gradient is the hard part. Autograd's backward of
+``index_select`` scatters (``index_add_``) every gradient row into its bucket:
+on CPU a serial loop, on CUDA atomics whose summation order, and so result,
+changes from run to run.
+
+:func:`sort_rows` precomputes, once per layer, the units sorted by row (a
+stable sort, so equal rows keep their original order) and where each row's
+run starts: a CSR matrix of shape (rows, units) with every entry 1. The
+backward of :func:`gather_rows` is then a segment sum, ``grad_table = S @
+grad``, a fixed-order reduction per row: the same bits in every run of a
+given device. Its price is 4 bytes per unit plus 4 per row, in
+``cache_bytes``. Speed on CPU is mixed (docs/results/perf.md): for per-weight
+hashing, whose memory accesses are random either way, it gained nothing; for
+the tiled layout it halved vgg11_bn's reconstruction time (large layers) but
+lost on resnet18, where the sparse product's per-call overhead dominates small
+layers. Its sure gain is determinism where the scatter uses atomics (CUDA).
+
+How the segment sum runs is registered per device type: on CPU a sparse CSR
+product (MKL, parallel over rows; each row summed in a fixed order), elsewhere
+``torch.segment_reduce`` over the sorted gradient rows (one thread per row and
+column, no atomics). Both are exercised by the CPU tests.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["gather_rows", "segment_sum_csr", "segment_sum_sorted", "sort_rows"]
+
+SortedRows = tuple[torch.Tensor, torch.Tensor]  # (order int32 (units,), starts int32 (rows + 1,))
+_CSR_DTYPES = (torch.float32, torch.float64)  # what CPU sparse CSR products support
+
+
+def sort_rows(index: torch.Tensor, num_rows: int) -> SortedRows:
+    """The gather ``index`` (int, values in [0, num_rows)) as CSR: units sorted by row, and row starts.
+
+    Works on the meta device (a model skeleton being loaded has shapes only).
+    """
+    if num_rows >= 2**31 or index.numel() >= 2**31:
+        raise ValueError(f"a sorted plan needs fewer than 2**31 rows and units, got {num_rows} and {index.numel()}")
+    rows, order = torch.sort(index.long(), stable=True)
+    boundaries = torch.arange(num_rows + 1, dtype=torch.int64, device=index.device)
+    starts = torch.searchsorted(rows, boundaries)
+    return order.int(), starts.int()
+
+
+def segment_sum_csr(grad: torch.Tensor, plan: SortedRows) -> torch.Tensor:
+    """Per-row sums of ``grad`` rows under ``plan`` as one sparse CSR product (fast on CPU)."""
+    order, starts = plan
+    compute = grad if grad.dtype in _CSR_DTYPES else grad.float()
+    ones = torch.ones((), dtype=compute.dtype, device=grad.device).expand(order.numel())
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": expected, not the user's concern
+        warnings.simplefilter("ignore", UserWarning)
+        matrix = torch.sparse_csr_tensor(starts, order, ones, size=(starts.numel() - 1, order.numel()))
+    return (matrix @ compute).to(grad.dtype)
+
+
+def segment_sum_sorted(grad: torch.Tensor, plan: SortedRows) -> torch.Tensor:
+    """Per-row sums of ``grad`` rows under ``plan``: gather in sorted order, then ``segment_reduce``."""
+    order, starts = plan
+    return torch.segment_reduce(grad.index_select(0, order), "sum", offsets=starts.long(), axis=0, unsafe=True)
+
+
+SEGMENT_SUMS: dict[str, Callable[[torch.Tensor, SortedRows], torch.Tensor]] = {"cpu": segment_sum_csr}
+"""Segment-sum implementation per device type; others use :func:`segment_sum_sorted`."""
+
+
+class _SortedGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, order: torch.Tensor, starts: torch.Tensor):
+        ctx.save_for_backward(order, starts)
+        return table.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        order, starts = ctx.saved_tensors
+        segment_sum = SEGMENT_SUMS.get(grad.device.type, segment_sum_sorted)
+        return segment_sum(grad.contiguous(), (order, starts)), None, None, None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | None = None) -> torch.Tensor:
+    """``table.index_select(0, index)``, differentiable in ``table``.
+
+    With a ``plan`` from :func:`sort_rows` the backward is the sorted segment
+    sum (deterministic); without one it is autograd's scatter.
+    """
+    if plan is None:
+        return table.index_select(0, index)
+    return _SortedGather.apply(table, index, *plan)
