@@ -11,7 +11,7 @@ the planner with the paper's floors (128 per conv, 256 per linear tensor:
 Recipe (every row): Adam, lr 0.01, cosine, batch 64. A network this small
 underfits (train error ~ test error), so what counts is optimizer steps and a
 start that is not near zero: the stored coefficients are drawn from
-N(0, 0.1) as in the authors' code (``draw_coefficients``), not projected
+N(0, 0.1) as in the authors' code (``draw_coefficients``; the biases too), not projected
 from the dense init, which keeps almost none of its energy in 776
 low-frequency coefficients.
 
@@ -98,8 +98,11 @@ def run(method: str, budget: int, data, args, epochs: int) -> dict:
             linear_floor=PAPER_LINEAR_FLOOR,
         )
         report = compress(model, budget=budget, method=config, exclude=[], seed=args.seed, storage_dtype=STORAGE)
-        if args.init_std > 0:
+        if args.init_std > 0:  # the authors' code draws the FR layers' biases from the same N(0, std)
             draw_coefficients(model, args.init_std, seed=args.seed)
+            with torch.no_grad():
+                for _, module, _, _ in compressed_weights(model):
+                    module.bias.normal_(0.0, args.init_std)
         print(report)
 
     def on_step(step: int) -> None:
