@@ -14,7 +14,13 @@ import hf_freqcompress as hf
 from hf_freqcompress import FreqRegConfig, compress
 from hf_freqcompress.dct import dct_corner, idct_corner, zigzag_order
 from hf_freqcompress.surgery import compressed_weights
-from hf_freqcompress.methods.freqreg import PAPER_CONV_FLOOR, PAPER_LINEAR_FLOOR, drop_rate_reaching, zigzag_prefix
+from hf_freqcompress.methods.freqreg import (
+    PAPER_CONV_FLOOR,
+    PAPER_LINEAR_FLOOR,
+    draw_coefficients,
+    drop_rate_reaching,
+    zigzag_prefix,
+)
 
 from conftest import tiny_hf_vit
 from test_model_zoo import without_zero_init
@@ -113,6 +119,26 @@ def test_planner_floors_and_the_lenet5_budget():
         compress(small, budget=300, method=paper, exclude=[])
     with pytest.raises(ValueError, match="drop_rate"):
         FreqRegConfig(drop_rate=1.0)
+
+
+def test_draw_coefficients_is_the_from_scratch_init():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
+    dense_norm = float(model[0].weight.norm())
+    compress(model, budget=600, method="freqreg", targets=["0"], exclude=[])
+    head, bias = model[2].weight.detach().clone(), model[0].bias.detach().clone()
+    projected = model[0].parametrizations.weight.original.detach().clone()
+    assert draw_coefficients(model, std=0.1, seed=3) == 600
+    drawn = model[0].parametrizations.weight.original.detach()
+    assert drawn.shape == projected.shape and 0.09 < float(drawn.std()) < 0.11
+    assert float(projected.norm()) < 0.2 * dense_norm  # compress() keeps ~sqrt(600 / 32768) of the init's norm
+    assert torch.equal(model[2].weight, head) and torch.equal(model[0].bias, bias)  # other layers, biases untouched
+    draw_coefficients(model, std=0.1, seed=3)
+    assert torch.equal(model[0].parametrizations.weight.original, drawn)  # the seed fixes the draw
+    with pytest.raises(ValueError, match="std > 0"):
+        draw_coefficients(model, std=0.0)
+    with pytest.raises(ValueError, match="no freqreg layer"):
+        draw_coefficients(nn.Sequential(nn.Linear(4, 4)))
 
 
 def scheduled_mlp(steps: int) -> tuple[nn.Module, list]:

@@ -41,16 +41,29 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..dct import dct_corner, idct_corner, zigzag_order
 from .base import CompressedWeight, LayerSpec, MethodConfig
 from .registry import register_method
 
-__all__ = ["FreqRegConfig", "FreqRegWeight", "zigzag_prefix", "drop_rate_reaching", "PAPER_CONV_FLOOR", "PAPER_LINEAR_FLOOR"]
+__all__ = [
+    "FreqRegConfig",
+    "FreqRegWeight",
+    "zigzag_prefix",
+    "drop_rate_reaching",
+    "draw_coefficients",
+    "PAPER_CONV_FLOOR",
+    "PAPER_LINEAR_FLOOR",
+    "PAPER_INIT_STD",
+]
 
 PAPER_CONV_FLOOR = 128
 PAPER_LINEAR_FLOOR = 256
 """The per-layer floors of kept coefficients in the authors' released code."""
+
+PAPER_INIT_STD = 0.1
+"""The std of the N(0, std) draw the authors' released code gives every frequency-domain weight."""
 
 
 def _count_by_index_sum(shape: tuple[int, ...]) -> torch.Tensor:
@@ -107,6 +120,37 @@ def drop_rate_reaching(gap: int, steps: int) -> float:
     if gap < 0 or steps < 1:
         raise ValueError(f"drop_rate_reaching needs gap >= 0 and steps >= 1, got gap={gap}, steps={steps}")
     return 1.0 - (gap + 1) ** (-1.0 / steps)
+
+
+def draw_coefficients(model: nn.Module, std: float = PAPER_INIT_STD, seed: int = 0) -> int:
+    """Redraw every freqreg layer's stored coefficients from N(0, std): the init for training from scratch.
+
+    ``compress()`` projects the current weight, which is right for a trained
+    model but keeps almost nothing of a fresh one: a random init spreads its
+    energy evenly over the whole spectrum, so an n-coefficient prefix of an
+    N-weight tensor keeps ~n/N of it (264 of FC 2048->196's 401,408 weights:
+    the norm falls from ~8.1 to ~0.2) and the network starts near zero. The
+    authors' code draws the frequency-domain weights directly, N(0, 0.1)
+    (``PAPER_INIT_STD``). Every stored coefficient is drawn, those past
+    ``kept`` during a schedule included; other layers and biases are left
+    alone. Returns the number of coefficients drawn.
+    """
+    from ..surgery import compressed_weights  # surgery imports this package: resolve at call time
+
+    if not std > 0:
+        raise ValueError(f"draw_coefficients needs std > 0, got {std}; the paper's init is PAPER_INIT_STD = {PAPER_INIT_STD}")
+    generator = torch.Generator().manual_seed(seed)
+    drawn = 0
+    with torch.no_grad():
+        for _, module, param_name, parametrization in compressed_weights(model):
+            if isinstance(parametrization, FreqRegWeight):
+                original = module.parametrizations[param_name].original
+                draw = torch.randn(original.shape, generator=generator, dtype=torch.float32) * std
+                original.copy_(draw)
+                drawn += original.numel()
+    if drawn == 0:
+        raise ValueError("draw_coefficients found no freqreg layer in the model; compress it with method='freqreg' first")
+    return drawn
 
 
 @dataclass
