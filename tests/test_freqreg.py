@@ -124,7 +124,7 @@ def test_planner_floors_and_the_lenet5_budget():
 def test_draw_coefficients_is_the_from_scratch_init():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
-    dense_norm = float(model[0].weight.norm())
+    dense_norm = float(model[0].weight.detach().norm())
     compress(model, budget=600, method="freqreg", targets=["0"], exclude=[])
     head, bias = model[2].weight.detach().clone(), model[0].bias.detach().clone()
     projected = model[0].parametrizations.weight.original.detach().clone()
