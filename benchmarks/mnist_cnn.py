@@ -119,10 +119,14 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=FreshNetsConfig.beta)
     parser.add_argument("--allocation", default=FreshNetsConfig.allocation, choices=["beta", "uniform"])
     parser.add_argument("--train-size", type=int, help="train on the first N digits (default: all 60,000)")
+    parser.add_argument("--validation", action="store_true",
+                        help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 6)
     train_x, train_y, test_x, test_y = mnist_tensors(flatten=False)
+    if args.validation:
+        train_x, train_y, test_x, test_y = train_x[:50_000], train_y[:50_000], train_x[50_000:], train_y[50_000:]
     size = args.train_size or (12_000 if args.quick else len(train_x))
     data = (train_x[:size], train_y[:size], test_x, test_y)
 
