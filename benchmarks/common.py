@@ -27,13 +27,19 @@ from torch.nn.utils import parametrize
 from hf_freqcompress import compress
 from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.layers import find_layer_kind
+from hf_freqcompress.methods import MethodConfig, get_method, resolve_config
+from hf_freqcompress.models import parse_model_args
+from hf_freqcompress.surgery import compressed_weights
 
 __all__ = [
+    "VALIDATION_IMAGES",
     "accuracy_row",
     "alternating_ratio",
     "compress_from_scratch",
     "benchmark_parser",
+    "method_config",
     "mnist_tensors",
+    "round_to_storage",
     "train_classifier",
     "test_error_pct",
     "timed",
@@ -53,13 +59,32 @@ def benchmark_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+VALIDATION_IMAGES = 10_000
+
+
 def mnist_tensors(
-    flatten: bool, normalize: bool = True, root: Path | None = None
+    flatten: bool, normalize: bool = True, root: Path | None = None, validation: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train_x, train_y, test_x, test_y) of the full vendored MNIST as float32 (standardized by default)."""
+    """(train_x, train_y, eval_x, eval_y) of the full vendored MNIST as float32 (standardized by default).
+
+    ``validation``: hold out the last 10,000 training digits as the eval set
+    instead of the test set, so settings can be chosen without the test set.
+    """
     train = mnist_dataset("train", root, flatten=flatten, normalize=normalize)
     test = mnist_dataset("test", root, flatten=flatten, normalize=normalize)
-    return (*train.tensors, *test.tensors)
+    train_x, train_y = train.tensors
+    if validation:
+        cut = len(train_x) - VALIDATION_IMAGES
+        return train_x[:cut], train_y[:cut], train_x[cut:], train_y[cut:]
+    return (train_x, train_y, *test.tensors)
+
+
+def method_config(text: str) -> MethodConfig:
+    """A method from the command line: ``name``, ``name:key=value,...`` or a JSON config object."""
+    if text.lstrip().startswith("{"):
+        return resolve_config(json.loads(text))
+    name, _, options = text.partition(":")
+    return get_method(name).config_class.from_dict(parse_model_args(options.split(",") if options else []))
 
 
 def test_error_pct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
@@ -195,6 +220,14 @@ def alternating_ratio(reference: Callable[[], object], other: Callable[[], objec
     reference(), other()  # warm-up: allocator, caches, lazy init
     times = [(timed(reference), timed(other)) for _ in range(repeats)]
     return statistics.median(t for _, t in times) / statistics.median(t for t, _ in times)
+
+
+@torch.no_grad()
+def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every compressed layer's stored tensor to the checkpoint dtype, so the error measured is the saved model's."""
+    for _, module, param_name, _ in compressed_weights(model):
+        original = module.parametrizations[param_name].original
+        original.copy_(original.to(dtype))
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -55,7 +54,17 @@ from hf_freqcompress.methods.freqreg import (
 )
 from hf_freqcompress.surgery import compressed_weights
 
-from common import benchmark_parser, mnist_tensors, other_values, print_table, test_error_pct, train_classifier, write_results
+from common import (
+    benchmark_parser,
+    mnist_tensors,
+    other_values,
+    print_table,
+    round_to_storage,
+    test_error_pct,
+    timed,
+    train_classifier,
+    write_results,
+)
 
 MODEL = "lenet5-0.4M"
 STORAGE = "float16"
@@ -75,13 +84,6 @@ def weight_count(model: nn.Module) -> int:
 
 def stored_tensors(model: nn.Module) -> list[nn.Parameter]:
     return [module.parametrizations[param].original for _, module, param, _ in compressed_weights(model)]
-
-
-def round_to_storage(model: nn.Module) -> None:
-    """Evaluate what a float16 checkpoint holds: every stored coefficient rounded to float16."""
-    with torch.no_grad():
-        for original in stored_tensors(model):
-            original.copy_(original.half().float())
 
 
 def run(method: str, budget: int, data, args, epochs: int) -> dict:
@@ -130,7 +132,7 @@ def run(method: str, budget: int, data, args, epochs: int) -> dict:
         stored, bits = dense_values, dense_values * 32
     else:
         hf.finalize(model)
-        round_to_storage(model)
+        round_to_storage(model, torch.float16)  # evaluate what a float16 checkpoint holds
         stored = sum(t.numel() for t in stored_tensors(model))
         bits = stored * torch.finfo(getattr(torch, STORAGE)).bits
     return {
@@ -149,12 +151,7 @@ def run(method: str, budget: int, data, args, epochs: int) -> dict:
 
 def median_seconds(fn: Callable[[], object], repeat: int) -> float:
     fn()  # warm caches
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(fn) for _ in range(repeat))
 
 
 def full_spectrum_idct(original: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

@@ -124,9 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 6)
-    train_x, train_y, test_x, test_y = mnist_tensors(flatten=False)
-    if args.validation:
-        train_x, train_y, test_x, test_y = train_x[:50_000], train_y[:50_000], train_x[50_000:], train_y[50_000:]
+    train_x, train_y, test_x, test_y = mnist_tensors(flatten=False, validation=args.validation)
     size = args.train_size or (12_000 if args.quick else len(train_x))
     data = (train_x[:size], train_y[:size], test_x, test_y)
 

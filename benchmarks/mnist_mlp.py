@@ -21,19 +21,19 @@ claims lower errors than HashedNets at the same budget.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_freqcompress.methods import MethodConfig, resolve_config
+from hf_freqcompress.methods import MethodConfig
 
 from common import (
     accuracy_row,
     alternating_ratio,
     benchmark_parser,
     compress_from_scratch,
+    method_config,
     mnist_tensors,
     print_table,
     train_classifier,
@@ -63,10 +63,6 @@ def method_label(config: MethodConfig) -> str:
     defaults = type(config)().to_dict()
     changed = [f"{k}={v}" for k, v in config.to_dict().items() if defaults[k] != v]
     return f"{config.method}[{','.join(changed)}]" if changed else config.method
-
-
-def parse_method(text: str) -> MethodConfig:
-    return resolve_config(json.loads(text) if text.lstrip().startswith("{") else text)
 
 
 def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, args) -> dict[str, Any]:
@@ -111,7 +107,7 @@ def step_time_ratio(config: MethodConfig, reference: MethodConfig, budget: str, 
 def main() -> None:
     parser = benchmark_parser(__doc__)
     parser.add_argument("--methods", nargs="+", default=["hashednets", "funhash"],
-                        help="method names or JSON configs; the first is the step-time reference")
+                        help="names, name:key=value,... or JSON configs; the first is the step-time reference")
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS), help="784-1000-10 budgets")
     parser.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -123,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     args.epochs = args.epochs or (3 if args.quick else 30)
     torch.set_num_threads(args.threads)
-    methods = [parse_method(text) for text in args.methods]
+    methods = [method_config(text) for text in args.methods]
     data = mnist_tensors(flatten=True)
     rows = [] if args.no_dense else [run(WIDE, None, "1", data, args)]
     for budget in args.budgets:

@@ -36,18 +36,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import benchmark_parser, mnist_tensors, print_table, test_error_pct, train_classifier, write_results
+from common import (
+    VALIDATION_IMAGES,
+    benchmark_parser,
+    mnist_tensors,
+    print_table,
+    round_to_storage,
+    test_error_pct,
+    train_classifier,
+    write_results,
+)
 from torch import nn
 
 from hf_freqcompress import LayerReport, PQConfig, compress
 from hf_freqcompress.kmeans import kmeans
 from hf_freqcompress.methods.pq import PQLayout, PQWeight
 from hf_freqcompress.regularizers import Penalty, get_regularizer
-from hf_freqcompress.surgery import compressed_weights, select_targets
+from hf_freqcompress.surgery import select_targets
 
 NAME = "mnist_pq"
 MODEL = "lenet-300-100"
-VALIDATION_IMAGES = 10_000
 _SETTING_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
@@ -90,14 +98,6 @@ def product_quantize(model: nn.Module, configs: dict[str, PQConfig], dtype: torc
         budget = PQWeight.min_values(target.spec(bits), config)
         layers += compress(model, budget, config, targets=[name], exclude=[], seed=seed, storage_dtype=dtype).layers
     return layers
-
-
-@torch.no_grad()
-def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round every stored codebook to the checkpoint dtype, so the error we print is the saved model's."""
-    for _, module, param_name, _ in compressed_weights(model):
-        original = module.parametrizations[param_name].original
-        original.copy_(original.to(dtype))
 
 
 def penalty_of(model: nn.Module, configs: dict[str, PQConfig], seed: int, recluster_every: int) -> Penalty:
@@ -177,11 +177,7 @@ def load_data(args) -> tuple[torch.Tensor, ...]:
     # Pixels are scaled, not standardized (as in the Caffe LeNet recipes): the
     # blank border stays exactly 0, so quantization error on weights that only
     # ever see blank pixels costs nothing instead of adding up into a bias shift.
-    train_x, train_y, test_x, test_y = mnist_tensors(flatten=True, normalize=False, root=args.data)
-    if not args.validation:
-        return train_x, train_y, test_x, test_y
-    cut = len(train_x) - VALIDATION_IMAGES
-    return train_x[:cut], train_y[:cut], train_x[cut:], train_y[cut:]
+    return mnist_tensors(flatten=True, normalize=False, root=args.data, validation=args.validation)
 
 
 def main() -> None:

@@ -40,11 +40,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import available_methods, compress, materialize
-from hf_freqcompress.methods import MethodConfig, get_method
-from hf_freqcompress.models import parse_model_args
 from hf_freqcompress.surgery import compressed_weights
 
-from common import alternating_ratio, benchmark_parser, print_table, timed, write_results
+from common import alternating_ratio, benchmark_parser, method_config, print_table, timed, write_results
 
 
 @dataclass(frozen=True)
@@ -62,12 +60,6 @@ WORKLOADS = (
 QUICK_WORKLOADS = (Workload("resnet18", 8, 64),)
 COMPRESS_TIMING_MODELS = ("resnet50", "vit_base_patch16_224")
 EXTRA_VARIANTS = ("hashednets:block_size=64",)
-
-
-def method_config(spec: str) -> MethodConfig:
-    """``name`` or ``name:key=value,...`` -> the method's config (values parsed as JSON)."""
-    name, _, options = spec.partition(":")
-    return get_method(name).config_class.from_dict(parse_model_args(options.split(",") if options else []))
 
 
 def build(workload: Workload) -> nn.Module:

@@ -22,7 +22,8 @@ REPORT_ATTRIBUTE = "hf_freqcompress_reports"
 A model may be compressed in several calls on disjoint layers (say FreshNets
 on the convolutions, PQ on the fully-connected layers), hence a list."""
 
-_INITS = ("project", "preserve_norm")
+INITS = ("project", "preserve_norm")
+"""What ``compress(init=...)`` accepts."""
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -97,8 +98,8 @@ def compress(
             scratch, whose projected random weights would otherwise shrink by
             about sqrt(budget) per layer and stall training).
     """
-    if init not in _INITS:
-        raise ValueError(f"unknown init {init!r}; use one of {list(_INITS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; use one of {list(INITS)}")
     config = resolve_config(method)
     parametrization_class = get_method(config.method)
     parsed = parse_budget(budget)

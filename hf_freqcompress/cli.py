@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Sequence
 
-from .api import compress
+from .api import INITS, compress
 from .hub import describe_folder, push_folder, save_pretrained
 from .methods import available_methods, get_method
 from .models import build_model, parse_model_args
@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--exclude", nargs="*", help="module name patterns to skip (default: head and tiny layers)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--storage-dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    sub.add_argument("--init", default="project", choices=["project", "preserve_norm"],
+    sub.add_argument("--init", default="project", choices=INITS,
                      help="preserve_norm: keep each layer's weight norm (for models trained from scratch)")
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_argument("--out", metavar="DIR", help="save the compressed model to this checkpoint folder")
