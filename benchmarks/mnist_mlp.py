@@ -116,11 +116,13 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense and equal-size rows")
     parser.add_argument("--no-deep", action="store_true", help="skip the 5-layer MLP rows")
+    parser.add_argument("--validation", action="store_true",
+                        help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
     args = parser.parse_args()
     args.epochs = args.epochs or (3 if args.quick else 30)
     torch.set_num_threads(args.threads)
     methods = [method_config(text) for text in args.methods]
-    data = mnist_tensors(flatten=True)
+    data = mnist_tensors(flatten=True, validation=args.validation)
     rows = [] if args.no_dense else [run(WIDE, None, "1", data, args)]
     for budget in args.budgets:
         rows += [run(WIDE, config, budget, data, args) for config in methods]
