@@ -30,6 +30,7 @@ from hf_freqcompress.layers import find_layer_kind
 from hf_freqcompress.methods import MethodConfig, get_method, resolve_config
 from hf_freqcompress.models import parse_model_args
 from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.training import distillation_loss
 
 __all__ = [
     "VALIDATION_IMAGES",
@@ -112,6 +113,9 @@ def train_classifier(
     on_step: Callable[[int], None] | None = None,
     extra_loss: Callable[[int], torch.Tensor] | None = None,
     parameters: Iterable[nn.Parameter] | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    distill_alpha: float = 0.5,
+    temperature: float = 4.0,
 ) -> float:
     """SGD with Nesterov momentum (or Adam) and a cosine schedule; returns wall seconds.
 
@@ -120,7 +124,10 @@ def train_classifier(
     ``extra_loss(step)`` is added to the loss; ``on_step(step)`` runs after
     each optimizer step (training schedules). Adam suits tensors whose
     gradients sum over many weights (codebooks, bucket tables), where one
-    SGD learning rate cannot fit every scale.
+    SGD learning rate cannot fit every scale. ``teacher_logits`` (one row
+    per training example, from a trained dense network) turn on knowledge
+    distillation with the library's loss: (1 - alpha) CE + alpha KD at
+    ``temperature``, HashedNets' "dark knowledge" variant.
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
@@ -140,7 +147,11 @@ def train_classifier(
         order = torch.randperm(len(train_x), generator=generator)
         for start in range(0, len(train_x), batch_size):
             batch = order[start : start + batch_size]
-            loss = F.cross_entropy(model(train_x[batch]), train_y[batch])
+            logits = model(train_x[batch])
+            loss = F.cross_entropy(logits, train_y[batch])
+            if teacher_logits is not None:
+                kd = distillation_loss(logits, teacher_logits[batch], temperature)
+                loss = (1.0 - distill_alpha) * loss + distill_alpha * kd
             if extra_loss is not None:
                 loss = loss + extra_loss(step)
             optim.zero_grad(set_to_none=True)

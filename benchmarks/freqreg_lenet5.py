@@ -98,10 +98,12 @@ def run(method: str, budget: int, data, args, epochs: int) -> dict:
         scheduled = method == "freqreg"
         config = FreqRegConfig(
             drop_rate=drop_rate_reaching(dense_values, schedule_steps) if scheduled else 0.0,
-            conv_floor=PAPER_CONV_FLOOR,
-            linear_floor=PAPER_LINEAR_FLOOR,
+            conv_floor=1 if args.split else PAPER_CONV_FLOOR,
+            linear_floor=1 if args.split else PAPER_LINEAR_FLOOR,
         )
-        report = compress(model, budget=budget, method=config, exclude=[], seed=args.seed, storage_dtype=STORAGE)
+        strategy = (lambda layers, total: args.split) if args.split else "proportional"
+        report = compress(model, budget=budget, method=config, exclude=[], seed=args.seed, storage_dtype=STORAGE,
+                          strategy=strategy)
         if args.init_std > 0:  # the authors' code draws the FR layers' biases from the same N(0, std)
             draw_coefficients(model, args.init_std, seed=args.seed)
             with torch.no_grad():
@@ -192,6 +194,10 @@ def main() -> None:
         help="draw the stored coefficients from N(0, std) (the paper's init); 0 keeps compress()'s projection of the dense init",
     )
     parser.add_argument("--budget", type=int, default=776, help="stored coefficients over the four weight tensors")
+    parser.add_argument("--split", type=lambda text: [int(n) for n in text.split(",")],
+                        help="coefficients per weight tensor, e.g. 128,128,264,256 (default: the planner with the paper's floors)")
+    parser.add_argument("--validation", action="store_true",
+                        help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
     parser.add_argument("--schedule-fraction", type=float, default=0.5, help="share of training the drop schedule takes")
     parser.add_argument(
         "--methods", nargs="+", default=["freqreg_oneshot", "dense"], choices=["freqreg_oneshot", "freqreg", "dense"]
@@ -199,7 +205,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     epochs = args.epochs or (1 if args.quick else 30)
-    data = mnist_tensors(flatten=False)
+    if args.split and sum(args.split) > args.budget:
+        parser.error(f"--split {args.split} sums to {sum(args.split)}, over --budget {args.budget}")
+    data = mnist_tensors(flatten=False, validation=args.validation)
     rows = [run(method, args.budget, data, args, epochs) for method in args.methods]
     print_table(rows, ["model", "method", "budget", "stored_values", "stored_bits", "other_values", "test_error_pct", "epochs", "seconds"])
     repeat = 3 if args.quick else 10

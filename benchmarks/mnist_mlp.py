@@ -9,6 +9,11 @@ Rows:
 - the train-step time of every other method relative to the first, on
   784-1000-10 at each budget (interleaved medians, so load hits both alike).
 
+``--distill`` trains the 784-1000-10 compressed and equal-size rows against
+the dense row's soft targets as well (HashedNets' "DK" rows: knowledge
+distillation from the dense network; method labels gain ``+dk``). The
+5-layer rows are never distilled.
+
 Every layer is compressed, the output layer included (``exclude=[]``), as in
 both papers, from a fresh init with ``init="preserve_norm"``. Same seed,
 batches, epochs and optimizer for every row. Paper errors on 784-1000-10:
@@ -65,7 +70,9 @@ def method_label(config: MethodConfig) -> str:
     return f"{config.method}[{','.join(changed)}]" if changed else config.method
 
 
-def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, args) -> dict[str, Any]:
+def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, args,
+        teacher_logits: torch.Tensor | None = None) -> tuple[dict[str, Any], nn.Module]:
+    """Train one row; returns its table row and the trained model."""
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(args.seed)
     model = mlp(sizes, args.dropout)
@@ -73,12 +80,21 @@ def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, 
     stored = compress_from_scratch(model, budget, config, args.seed) if config else dense_values
     torch.manual_seed(args.seed)
     seconds = train_classifier(model, train_x, train_y, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
-                               batch_size=args.batch_size, seed=args.seed)
-    row = accuracy_row(label(sizes), method_label(config) if config else "dense", budget if config else "1", model,
-                       (test_x, test_y), dense_values=dense_values, stored_values=stored, epochs=args.epochs,
-                       seconds=seconds)
+                               batch_size=args.batch_size, seed=args.seed, teacher_logits=teacher_logits,
+                               distill_alpha=args.distill_alpha, temperature=args.temperature)
+    method = method_label(config) if config else "dense"
+    row = accuracy_row(label(sizes), method + ("+dk" if teacher_logits is not None else ""),
+                       budget if config else "1", model, (test_x, test_y), dense_values=dense_values,
+                       stored_values=stored, epochs=args.epochs, seconds=seconds)
     print_table([row], COLUMNS)
-    return row
+    return row, model
+
+
+@torch.no_grad()
+def soft_targets(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The trained dense network's logits on every training example (dropout off): the distillation targets."""
+    model.eval()
+    return torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
 
 
 def step_time_ratio(config: MethodConfig, reference: MethodConfig, budget: str, args) -> dict[str, Any]:
@@ -115,23 +131,33 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--timing-steps", type=int, default=20)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense and equal-size rows")
+    parser.add_argument("--distill", action="store_true",
+                        help="distil the 784-1000-10 compressed and equal-size rows from the dense row (needs it)")
+    parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
+    parser.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
     parser.add_argument("--no-deep", action="store_true", help="skip the 5-layer MLP rows")
     parser.add_argument("--validation", action="store_true",
                         help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
     args = parser.parse_args()
     args.epochs = args.epochs or (3 if args.quick else 30)
+    if args.distill and args.no_dense:
+        parser.error("--distill needs the dense row as its teacher; drop --no-dense")
     torch.set_num_threads(args.threads)
     methods = [method_config(text) for text in args.methods]
     data = mnist_tensors(flatten=True, validation=args.validation)
-    rows = [] if args.no_dense else [run(WIDE, None, "1", data, args)]
+    rows, teacher = [], None
+    if not args.no_dense:
+        dense_row, dense_model = run(WIDE, None, "1", data, args)
+        rows.append(dense_row)
+        teacher = soft_targets(dense_model, data[0]) if args.distill else None
     for budget in args.budgets:
-        rows += [run(WIDE, config, budget, data, args) for config in methods]
+        rows += [run(WIDE, config, budget, data, args, teacher)[0] for config in methods]
         if not args.no_dense:
             width = max(1, round(rows[-1]["stored_values"] / (WIDE[0] + WIDE[-1])))
-            rows.append({**run((WIDE[0], width, WIDE[-1]), None, budget, data, args),
-                         "method": "dense_equal_size", "budget": budget})
+            equal, _ = run((WIDE[0], width, WIDE[-1]), None, budget, data, args, teacher)
+            rows.append({**equal, "method": equal["method"].replace("dense", "dense_equal_size"), "budget": budget})
     if not args.no_deep:
-        rows += [run(DEEP, config, DEEP_BUDGET, data, args) for config in methods]
+        rows += [run(DEEP, config, DEEP_BUDGET, data, args)[0] for config in methods]
     rows += [step_time_ratio(config, methods[0], budget, args) for config in methods[1:] for budget in args.budgets]
     print_table([r for r in rows if "test_error_pct" in r], COLUMNS)
     print_table([r for r in rows if "metric" in r], ["model", "method", "budget", "metric", "value"])

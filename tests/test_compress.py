@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hf_freqcompress import compress, get_reports, materialize, register_layer_kind, LayerKind
+from hf_freqcompress import LayerKind, available_methods, compress, get_reports, materialize, register_layer_kind
 from hf_freqcompress.surgery import classifier_names
 
 from conftest import tiny_gpt2
@@ -182,12 +182,30 @@ def test_materialize_gives_plain_model_with_same_outputs(mlp):
     assert list(mlp.buffers()) == []
 
 
-def test_parametrize_cached_and_compile_agree(mlp):
+def test_parametrize_cached_agrees(mlp):
     compress(mlp, budget="1/8", exclude=[])
     x = torch.randn(3, 64)
     expected = mlp(x)
     with parametrize.cached():
         assert torch.allclose(mlp(x), expected)
+
+
+@pytest.mark.parametrize("method", available_methods())
+def test_torch_compile_traces_every_method_in_one_graph(method):
+    """fullgraph=True fails on any graph break in a reconstruction; aot_eager traces autograd without a C compiler."""
+    eager = _conv_and_linear()
+    compress(eager, budget="1/8", method=method, exclude=[])
+    compiled = copy.deepcopy(eager)
+    x = torch.randn(2, 3, 8, 8)
+    expected, got = eager(x), torch.compile(compiled, backend="aot_eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, expected)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    grads = {name: p.grad for name, p in eager.named_parameters() if p.grad is not None}
+    assert grads, "no stored tensor received a gradient"
+    for name, p in compiled.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
 
 
 def test_same_seed_same_model_other_seed_other_model(mlp):

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from common import train_classifier  # noqa: E402
+
+
+def _fit(teacher_logits: torch.Tensor | None, alpha: float) -> nn.Module:
+    torch.manual_seed(0)
+    x = torch.randn(256, 8)
+    labels = torch.zeros(256, dtype=torch.long)  # the labels all say class 0
+    model = nn.Linear(8, 3)
+    train_classifier(model, x, labels, epochs=20, lr=0.05, batch_size=32, optimizer="adam",
+                     teacher_logits=teacher_logits, distill_alpha=alpha, temperature=2.0)
+    return model.eval()
+
+
+def test_distillation_follows_the_teacher_by_alpha():
+    x = torch.randn(64, 8)
+    teacher = torch.tensor([[0.0, 6.0, 0.0]]).expand(256, 3)  # the teacher says class 1
+    assert (_fit(None, 0.5)(x).argmax(1) == 0).all()
+    assert (_fit(teacher, 1.0)(x).argmax(1) == 1).all()
+    assert (_fit(teacher, 0.0)(x).argmax(1) == 0).all()
