@@ -97,6 +97,8 @@ class FreshNetsConfig(HashedNetsConfig):
                 f"freshnets hashes each DCT coefficient within its frequency band, so block_size must be 1, "
                 f"got {self.block_size}; use method='hashednets' for the tiled layout"
             )
+        if self.locality:
+            raise ValueError(f"freshnets has no cache-local hashing yet, so locality must be 0, got {self.locality}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"unknown freshnets allocation {self.allocation!r}; use one of {list(ALLOCATIONS)}")
         for name in ("alpha", "beta"):
