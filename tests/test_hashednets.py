@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 import json
 
-from hf_freqcompress import FreshNetsConfig, HashedNetsConfig, compress, from_pretrained, save_pretrained
+from hf_freqcompress import HashedNetsConfig, compress, from_pretrained, save_pretrained
 from hf_freqcompress.hashing import bucket_of, chunk_slices, hash32, layer_key, sign_bit
 from hf_freqcompress.methods import resolve_config
 from hf_freqcompress.models import build_model
@@ -115,6 +115,14 @@ def test_chunk_slices_tile_the_buckets_proportionally(numel, buckets, locality):
     assert (ends - starts - share).abs().lt(1).all()
 
 
+def test_chunk_slices_take_one_bucket_count_per_column():
+    counts = torch.tensor([37, 5, 240])
+    first, count = chunk_slices(torch.arange(240).unsqueeze(1), 240, counts, 64)
+    for column, buckets in enumerate(counts.tolist()):
+        expected = chunk_slices(torch.arange(240), 240, buckets, 64)
+        assert torch.equal(first[:, column], expected[0]) and torch.equal(count[:, column], expected[1])
+
+
 def test_locality_keeps_the_budget_and_trains_every_bucket():
     model = nn.Sequential(nn.Linear(40, 30)).double()
     report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(locality=64))
@@ -218,11 +226,6 @@ def test_sorted_plan_is_cached_and_reported():
 def test_bad_options_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match):
         HashedNetsConfig(**options)
-
-
-def test_freshnets_rejects_locality_by_name():
-    with pytest.raises(ValueError, match="locality must be 0"):
-        FreshNetsConfig(locality=64)
 
 
 def test_tiled_layout_round_trips_through_a_checkpoint(tmp_path):
