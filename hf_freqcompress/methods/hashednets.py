@@ -42,13 +42,22 @@ independent bucket and sign within its slice; only which weights may collide
 changes (weights of the same chunk, not of the whole layer). The slices tile
 the K buckets exactly, so the budget is unchanged and every bucket is
 reachable; a chunk touches K L / N buckets of each half of the signed table
-(4 KiB per half at L = 2**14 and 1/16), which stay in L1/L2 while the chunk
+(16 KiB per half at L = 2**16 and 1/16), which stay in L1/L2 while the chunk
 is gathered or scattered. Chunks grow to ceil(N / K) weights where L is
 smaller, so that every slice keeps a bucket. A layer of at most L weights is
 one chunk: global hashing, bit for bit. The least-squares projection is the
-same signed bucket mean over the element index. Measured on that vgg11_bn
-layer, 1 thread (docs/results/perf.md): forward + backward 0.43 s against
-3.05 s for global hashing.
+same signed bucket mean over the element index.
+
+Measured (CPU, 1 thread, docs/results/perf.md): rebuilding that vgg11_bn
+layer forward and backward costs 14x a ``clone()`` of its dense weight with
+global hashing and 2.1-3.4x with any L from 2**12 to 2**18 (no trend beyond
+the noise; ``benchmarks/locality.py``); vgg11_bn's train step goes from 1.73x
+dense to 1.10x at L = 2**16, and MNIST 784-1000-10 error is unchanged (1.82%
+against 1.83% at 1/8, 2.85% both at 1/64, validation split, mean of 5 seeds).
+2**16 is the suggested value: the largest measured as fast, so collisions stay
+spread over as many weights as the cache allows, and its slice still fits L2
+up to budget 1/2. The sorted backward was slower here (4.1x against 2.3x a
+clone on vgg11_bn, twice the cache memory), so ``"auto"`` keeps the scatter.
 
 Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
 (:mod:`.gather`) so the gradient is a deterministic segment sum instead of a
@@ -101,8 +110,9 @@ class HashedNetsConfig(MethodConfig):
     locality: 0 hashes every weight into all K buckets (the paper); L > 0
     hashes each chunk of L consecutive weights into its own proportional
     slice of the buckets, so the part of the table it touches stays in cache
-    (module docstring). Per-weight hashing only: the tiled layout's rows are
-    contiguous reads already.
+    (module docstring; 65536 measured as fast as any and as accurate as 0).
+    Per-weight hashing only: the tiled layout's rows are contiguous reads
+    already.
     backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
     deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
     block_size > 1 and indices are cached).
