@@ -7,7 +7,7 @@ from torch.nn.utils import parametrize
 
 import json
 
-from hf_freqcompress import HashedNetsConfig, compress, from_pretrained, save_pretrained
+from hf_freqcompress import FreshNetsConfig, HashedNetsConfig, compress, from_pretrained, save_pretrained
 from hf_freqcompress.hashing import bucket_of, chunk_slices, hash32, layer_key, sign_bit
 from hf_freqcompress.methods import resolve_config
 from hf_freqcompress.models import build_model
@@ -144,13 +144,16 @@ def test_locality_gradients_match_autograd_of_the_naive_reference(backward):
     assert torch.allclose(values.grad, basis.double().T @ upstream.reshape(-1), atol=1e-12)
 
 
-def test_locality_config_round_trips_through_json_and_a_checkpoint(tmp_path):
-    config = HashedNetsConfig(locality=4096)
+@pytest.mark.parametrize("config, name, shape", [
+    (HashedNetsConfig(locality=4096), "timm:mnist_mlp", (4, 784)),
+    (FreshNetsConfig(locality=600), "timm:mnist_lenet", (4, 1, 28, 28)),
+])
+def test_locality_config_round_trips_through_json_and_a_checkpoint(tmp_path, config, name, shape):
     assert resolve_config(json.loads(json.dumps(config.to_dict()))) == config
-    model = build_model("timm:mnist_mlp").eval()
-    compress(model, budget="1/64", exclude=[], method=config)
+    model = build_model(name).eval()
+    compress(model, budget="1/16", exclude=[], method=config)
     loaded = from_pretrained(save_pretrained(model, tmp_path / "ckpt")).eval()
-    x = torch.randn(4, 784)
+    x = torch.randn(*shape)
     assert torch.equal(loaded(x), model(x))
 
 
