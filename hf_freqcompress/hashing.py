@@ -25,7 +25,8 @@ _MULTIPLIER = 0x45D9F3B  # < 2**27, so a 32-bit value times it stays < 2**59
 _CHUNK = 1 << 24  # bounds the int64 temporaries to ~128 MiB per step
 
 __all__ = [
-    "layer_key", "hash32", "bucket_of", "sign_bit", "signed_buckets", "signed_buckets_range", "int32_range_map"]
+    "layer_key", "hash32", "bucket_of", "sign_bit", "chunk_length", "chunk_slices", "local_bucket", "signed_buckets",
+    "signed_buckets_range", "int32_range_map"]
 
 
 def _mix32(x):
@@ -92,13 +93,63 @@ def sign_bit(hashed: torch.Tensor) -> torch.Tensor:
     return hashed & 1
 
 
-def signed_buckets(index: torch.Tensor, buckets: int, index_key: int, sign_key: int) -> torch.Tensor:
+def chunk_length(numel: int, buckets: int | torch.Tensor, locality: int) -> int | torch.Tensor:
+    """Indices per chunk for ``locality`` L: L, or ceil(numel / buckets) if larger, so every chunk gets a bucket.
+
+    ``buckets`` may be an int64 tensor (one count per element, as in :func:`bucket_of`): one length per count.
+    """
+    fewest = -(-numel // buckets)
+    return fewest.clamp(min=locality) if isinstance(fewest, torch.Tensor) else max(locality, fewest)
+
+
+def chunk_slices(
+    index: torch.Tensor, numel: int, buckets: int | torch.Tensor, locality: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first bucket, bucket count) of the slice of [0, buckets) that each flat index's chunk hashes into.
+
+    The indices 0..numel-1 are cut into chunks of C = :func:`chunk_length`
+    consecutive ones; chunk [s, e) owns buckets [floor(s K / N), floor(e K / N)).
+    The slices tile [0, K) exactly (the first starts at 0, the last ends at K,
+    each starts where the previous ends), are proportional to the chunk sizes
+    (so a partial last chunk gets its share), and hold at least one bucket
+    each: floor(e K / N) - floor(s K / N) >= 1 because (e - s) K / N >= 1 for
+    full chunks (C >= N / K) and s < N = e for the last. ``buckets`` may be an
+    int64 tensor broadcastable to ``index`` (one table per element, e.g. per
+    frequency band); the caller keeps numel * buckets below 2**63 then.
+    """
+    if isinstance(buckets, int) and numel * buckets >= 2**63:
+        raise ValueError(f"{numel} weights times {buckets} buckets overflows int64 chunk slices")
+    chunk = chunk_length(numel, buckets, locality)
+    start = index - index % chunk
+    first = start * buckets // numel
+    last = (start + chunk).clamp(max=numel) * buckets // numel
+    return first, last - first
+
+
+def local_bucket(
+    hashed: torch.Tensor, index: torch.Tensor, numel: int, buckets: int | torch.Tensor, locality: int
+) -> torch.Tensor:
+    """``bucket_of(hashed, buckets)``, or for ``locality`` > 0 the same hash mapped into the index's chunk slice.
+
+    A chunk covering all ``numel`` indices is the whole table: the global bucket, bit for bit.
+    """
+    if not locality:
+        return bucket_of(hashed, buckets)
+    first, count = chunk_slices(index, numel, buckets, locality)
+    return first + bucket_of(hashed, count)
+
+
+def signed_buckets(
+    index: torch.Tensor, buckets: int, index_key: int, sign_key: int, *, numel: int = 0, locality: int = 0
+) -> torch.Tensor:
     """Bucket and sign of each flat index, folded into one integer in [0, 2 * buckets).
 
     ``b + buckets * s`` (s = 1 for a negative sign) lets a reconstruction be a
     single gather from the table ``cat([v, -v])`` and caches in one int32.
+    ``locality`` > 0 maps the same index hash into the index's chunk slice of
+    a tensor of ``numel`` weights (:func:`local_bucket`); 0 hashes globally.
     """
-    folded = bucket_of(hash32(index, index_key), buckets)
+    folded = local_bucket(hash32(index, index_key), index, numel, buckets, locality)
     folded += sign_bit(hash32(index, sign_key)) * buckets
     return folded
 
@@ -109,12 +160,17 @@ def signed_buckets_range(
     index_key: int,
     sign_key: int,
     *,
+    locality: int = 0,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """:func:`signed_buckets` of 0..numel-1 as int32, chunked so peak memory stays bounded."""
     if 2 * buckets >= 2**31:
         raise ValueError(f"{buckets} buckets do not fit an int32 signed index; use fewer than 2**30")
-    return int32_range_map(numel, lambda index: signed_buckets(index, buckets, index_key, sign_key), device=device)
+
+    def fold(index: torch.Tensor) -> torch.Tensor:
+        return signed_buckets(index, buckets, index_key, sign_key, numel=numel, locality=locality)
+
+    return int32_range_map(numel, fold, device=device)
 
 
 def int32_range_map(

@@ -23,18 +23,28 @@ def parametrization_of(layer: nn.Module):
     return layer.parametrizations.weight[0]
 
 
-def naive_freshnets(values: torch.Tensor, band_buckets, shape, name: str, seed: int) -> torch.Tensor:
+def naive_freshnets(values: torch.Tensor, band_buckets, shape, name: str, seed: int, locality: int = 0) -> torch.Tensor:
     """The paper's formula, one coefficient at a time, then scipy's IDCT over the kernel dims.
 
     C[o, c, j] = s_g(i) v_g[h_g(i)] with g = sum(j), i the flat position and
-    v_g the g-th slice of the concatenated bucket tables.
+    v_g the g-th slice of the concatenated bucket tables. With ``locality``,
+    filter f's chunk [s, e) of max(ceil(L / kernel), ceil(F / K_g)) filters
+    hashes into buckets [s K_g // F, e K_g // F) of v_g (F filters in all).
     """
     offsets = np.cumsum([0, *band_buckets])
+    kernel = int(np.prod(shape[2:]))
+    filters = int(np.prod(shape)) // kernel
     coefficients = np.empty(shape)
     for i, position in enumerate(itertools.product(*map(range, shape))):
         g = sum(position[2:])
         flat = torch.tensor([i])
-        bucket = int(bucket_of(hash32(flat, layer_key(seed, name, f"index{g}")), band_buckets[g]))
+        first, count = 0, band_buckets[g]
+        if locality:
+            chunk = max(-(-locality // kernel), -(-filters // band_buckets[g]))
+            start = i // kernel // chunk * chunk
+            first = start * band_buckets[g] // filters
+            count = min(start + chunk, filters) * band_buckets[g] // filters - first
+        bucket = first + int(bucket_of(hash32(flat, layer_key(seed, name, f"index{g}")), count))
         sign = -1.0 if int(sign_bit(hash32(flat, layer_key(seed, name, f"sign{g}")))) else 1.0
         coefficients[position] = sign * float(values[offsets[g] + bucket])
     kernel_axes = tuple(range(2, len(shape)))
@@ -57,6 +67,45 @@ def test_matches_naive_reference(layer, budget):
     expected = naive_freshnets(values, parametrization.band_buckets, tuple(layer.weight.shape), "0.weight", 3)
     assert values.numel() == budget == sum(parametrization.band_buckets)
     torch.testing.assert_close(layer.weight.detach().double(), expected, atol=1e-6, rtol=1e-5)
+
+
+# Conv2d(6, 8, 3): 48 filters of 9; L = 40 gives chunks of 5 filters (a partial last one of 3),
+# and bands with fewer buckets than chunks get longer ones; L = 10**6 is one chunk (global)
+@pytest.mark.parametrize("locality", [1, 40, 200, 10**6])
+def test_locality_matches_naive_reference(locality):
+    layer = nn.Conv2d(6, 8, 3)
+    compress(nn.Sequential(layer), budget=60, method=FreshNetsConfig(locality=locality), exclude=[], seed=3)
+    parametrization = parametrization_of(layer)
+    values = layer.parametrizations.weight.original.detach()
+    expected = naive_freshnets(values, parametrization.band_buckets, (8, 6, 3, 3), "0.weight", 3, locality)
+    torch.testing.assert_close(layer.weight.detach().double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("locality", [0, 10**6])
+def test_locality_zero_or_one_chunk_is_global_hashing_bit_for_bit(locality):
+    plain, local = nn.Conv2d(6, 8, 5), nn.Conv2d(6, 8, 5)
+    local.load_state_dict(plain.state_dict())
+    compress(nn.Sequential(plain), budget=120, method="freshnets", exclude=[])
+    compress(nn.Sequential(local), budget=120, method=FreshNetsConfig(locality=locality), exclude=[])
+    assert torch.equal(parametrization_of(plain).signed_index, parametrization_of(local).signed_index)
+    assert torch.equal(plain.weight, local.weight)
+
+
+def test_locality_keeps_the_budget_least_squares_and_trains_every_bucket():
+    # 512 filters in chunks of 32 (288 / 9): a few buckets of each band per chunk, all of them used
+    layer = nn.Conv2d(16, 32, 3).double()
+    dense = layer.weight.detach().clone()
+    compress(nn.Sequential(layer), budget=72, method=FreshNetsConfig(locality=288), exclude=[])
+    parametrization = parametrization_of(layer)
+    original = layer.parametrizations.weight.original
+    assert original.numel() == 72 == sum(parametrization.band_buckets)
+    assert torch.equal(torch.unique(parametrization.signed_index.long() % 72), torch.arange(72))
+    basis = torch.stack([parametrization.reconstruct(torch.eye(72, dtype=torch.float64)[k]).reshape(-1)
+                         for k in range(72)], dim=1)
+    expected = torch.linalg.lstsq(basis, dense.reshape(-1, 1)).solution.squeeze(1)
+    torch.testing.assert_close(original.detach(), expected, atol=1e-9, rtol=1e-7)
+    layer(torch.randn(2, 16, 6, 6, dtype=torch.float64)).pow(2).sum().backward()
+    assert bool((original.grad != 0).all())
 
 
 def _hf_conv1d():
@@ -143,6 +192,8 @@ def test_bad_config_is_rejected():
         FreshNetsConfig(block_size=8)
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         FreshNetsConfig(block_size=0)
+    with pytest.raises(ValueError, match="freshnets locality must be an int >= 0"):
+        FreshNetsConfig(locality=-1)
     assert FreshNetsConfig.from_dict(FreshNetsConfig(beta=4.0).to_dict()) == FreshNetsConfig(beta=4.0)
 
 

@@ -5,8 +5,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hf_freqcompress import HashedNetsConfig, compress, from_pretrained, save_pretrained
-from hf_freqcompress.hashing import bucket_of, hash32, layer_key, sign_bit
+import json
+
+from hf_freqcompress import FreshNetsConfig, HashedNetsConfig, compress, from_pretrained, save_pretrained
+from hf_freqcompress.hashing import bucket_of, chunk_slices, hash32, layer_key, sign_bit
+from hf_freqcompress.methods import resolve_config
 from hf_freqcompress.models import build_model
 
 
@@ -20,6 +23,23 @@ def naive_hashednets(values: torch.Tensor, shape, name: str, seed: int) -> torch
         bucket = int(bucket_of(hash32(position, index_key), buckets))
         sign = -1.0 if int(sign_bit(hash32(position, sign_key))) else 1.0
         flat[i] = sign * values[bucket]
+    return flat.view(shape)
+
+
+def naive_local(values: torch.Tensor, shape, locality: int, name: str, seed: int) -> torch.Tensor:
+    """Cache-local hashing one weight at a time, in Python ints: chunk c = i // L owns buckets
+    [c L K // N, min((c + 1) L, N) K // N), and i hashes into that slice with the paper's hashes."""
+    buckets = values.numel()
+    numel = int(torch.tensor(shape).prod())
+    chunk = max(locality, -(-numel // buckets))
+    index_key, sign_key = layer_key(seed, name, "index"), layer_key(seed, name, "sign")
+    flat = torch.empty(numel)
+    for i in range(numel):
+        start = i // chunk * chunk
+        first, last = start * buckets // numel, min(start + chunk, numel) * buckets // numel
+        hashed = int(hash32(torch.tensor([i]), index_key))
+        sign = -1.0 if int(sign_bit(hash32(torch.tensor([i]), sign_key))) else 1.0
+        flat[i] = sign * values[first + (hashed * (last - first) >> 32)]
     return flat.view(shape)
 
 
@@ -61,6 +81,82 @@ def test_tiled_matches_naive_reference_and_keeps_the_budget(shape, block):
     assert torch.equal(layer.weight.detach(), expected)
 
 
+# (12, 20) = 240 weights, 37 buckets: L = 64 gives chunks of 64 with a partial last one of 48;
+# L = 3 is below N / K, so chunks grow to ceil(240 / 37) = 7; L = 240 and more is one chunk
+@pytest.mark.parametrize("locality", [3, 64, 100, 240, 10**6])
+def test_locality_matches_naive_reference(locality):
+    layer = nn.Linear(20, 12)
+    compress(nn.Sequential(layer), budget=37, exclude=[], method=HashedNetsConfig(locality=locality))
+    values = layer.parametrizations.weight.original.detach()
+    assert torch.equal(layer.weight.detach(), naive_local(values, (12, 20), locality, "0.weight", 0))
+
+
+@pytest.mark.parametrize("locality", [0, 1200, 5000])
+def test_locality_zero_or_one_chunk_is_global_hashing_bit_for_bit(locality):
+    plain, local = nn.Linear(40, 30), nn.Linear(40, 30)
+    local.load_state_dict(plain.state_dict())
+    compress(nn.Sequential(plain), budget=100, exclude=[])
+    compress(nn.Sequential(local), budget=100, exclude=[], method=HashedNetsConfig(locality=locality))
+    assert torch.equal(plain.parametrizations.weight[0].signed_index, local.parametrizations.weight[0].signed_index)
+    assert torch.equal(plain.weight, local.weight)
+    values = plain.parametrizations.weight.original.detach()
+    assert torch.equal(plain.weight.detach(), naive_hashednets(values, (30, 40), "0.weight", 0))
+
+
+@pytest.mark.parametrize("numel, buckets, locality", [(240, 37, 64), (240, 37, 3), (1000, 1000, 7), (97, 5, 10), (10, 1, 4)])
+def test_chunk_slices_tile_the_buckets_proportionally(numel, buckets, locality):
+    first, count = chunk_slices(torch.arange(numel), numel, buckets, locality)
+    starts = torch.unique_consecutive(first)
+    ends = torch.unique_consecutive(first + count)
+    assert starts[0] == 0 and ends[-1] == buckets and torch.equal(starts[1:], ends[:-1])  # contiguous, exact
+    assert (count >= 1).all()
+    chunk_sizes = torch.bincount(torch.unique_consecutive(first, return_inverse=True)[1])
+    share = chunk_sizes * buckets / numel  # proportional: off by less than one bucket
+    assert (ends - starts - share).abs().lt(1).all()
+
+
+def test_chunk_slices_take_one_bucket_count_per_column():
+    counts = torch.tensor([37, 5, 240])
+    first, count = chunk_slices(torch.arange(240).unsqueeze(1), 240, counts, 64)
+    for column, buckets in enumerate(counts.tolist()):
+        expected = chunk_slices(torch.arange(240), 240, buckets, 64)
+        assert torch.equal(first[:, column], expected[0]) and torch.equal(count[:, column], expected[1])
+
+
+def test_locality_keeps_the_budget_and_trains_every_bucket():
+    model = nn.Sequential(nn.Linear(40, 30)).double()
+    report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(locality=64))
+    weight = model[0].parametrizations.weight
+    assert weight.original.numel() == report.stored_values == 100
+    assert torch.equal(torch.unique(weight[0].signed_index.long() % 100), torch.arange(100))
+    model(torch.randn(8, 40, dtype=torch.float64)).pow(2).sum().backward()
+    assert (weight.original.grad != 0).all()
+
+
+@pytest.mark.parametrize("backward", ["scatter", "sorted"])
+def test_locality_gradients_match_autograd_of_the_naive_reference(backward):
+    layer = nn.Linear(20, 12).double()
+    compress(nn.Sequential(layer), budget=37, exclude=[], method=HashedNetsConfig(locality=64, backward=backward))
+    values = layer.parametrizations.weight.original
+    upstream = torch.randn(12, 20, dtype=torch.float64)
+    (layer.weight * upstream).sum().backward()
+    basis = torch.stack([naive_local(torch.eye(37)[k], (12, 20), 64, "0.weight", 0).reshape(-1) for k in range(37)], 1)
+    assert torch.allclose(values.grad, basis.double().T @ upstream.reshape(-1), atol=1e-12)
+
+
+@pytest.mark.parametrize("config, name, shape", [
+    (HashedNetsConfig(locality=4096), "timm:mnist_mlp", (4, 784)),
+    (FreshNetsConfig(locality=600), "timm:mnist_lenet", (4, 1, 28, 28)),
+])
+def test_locality_config_round_trips_through_json_and_a_checkpoint(tmp_path, config, name, shape):
+    assert resolve_config(json.loads(json.dumps(config.to_dict()))) == config
+    model = build_model(name).eval()
+    compress(model, budget="1/16", exclude=[], method=config)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "ckpt")).eval()
+    x = torch.randn(*shape)
+    assert torch.equal(loaded(x), model(x))
+
+
 def test_block_size_one_is_per_weight_hashing():
     plain, tiled = nn.Linear(20, 12), nn.Linear(20, 12)
     tiled.load_state_dict(plain.state_dict())
@@ -69,12 +165,13 @@ def test_block_size_one_is_per_weight_hashing():
     assert torch.equal(plain.weight, tiled.weight)
 
 
-@pytest.mark.parametrize("block", [1, 4, 7])
-def test_right_inverse_is_least_squares_projection(block):
+@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=block) for block in (1, 4, 7)] + [
+    HashedNetsConfig(locality=64), HashedNetsConfig(locality=5)])
+def test_right_inverse_is_least_squares_projection(config):
     layer = nn.Linear(30, 20)
     dense = layer.weight.detach().clone()
     model = nn.Sequential(layer)
-    compress(model, budget=50, exclude=[], method=HashedNetsConfig(block_size=block))
+    compress(model, budget=50, exclude=[], method=config)
     values = model[0].parametrizations.weight.original.detach()
     # the reconstruction is linear in v: W_hat = A v; least squares v* = argmin ||A v - w||
     basis = torch.stack([model[0].parametrizations.weight[0].reconstruct(torch.eye(50)[k]).reshape(-1)
@@ -122,6 +219,11 @@ def test_sorted_plan_is_cached_and_reported():
     ({"block_size": 2.5}, "block_size must be an int >= 1"),
     ({"block_size": True}, "block_size must be an int >= 1"),
     ({"backward": "atomic"}, "unknown hashednets backward 'atomic'"),
+    ({"locality": -1}, "locality must be an int >= 0"),
+    ({"locality": 2.5}, "locality must be an int >= 0"),
+    ({"locality": "4096"}, "locality must be an int >= 0"),
+    ({"locality": True}, "locality must be an int >= 0"),
+    ({"locality": 64, "block_size": 8}, "locality needs block_size=1"),
     ({"backward": "sorted", "cache_indices": False}, "needs cache_indices=True"),
 ])
 def test_bad_options_are_clear_errors(options, match):

@@ -48,6 +48,16 @@ per-band hash keys, bucket counts and offsets are broadcast from small
 per-kernel-position tables. The index cache (``cache_indices``) and its
 ``cache_bytes`` behave as in HashedNets.
 
+Cache-local hashing (``locality`` = L > 0, as in HashedNets). The filters
+are cut into chunks of ceil(L / kernel_numel) whole filters, and each band's
+table is split across the chunks in proportion to their sizes
+(:func:`~hf_freqcompress.hashing.chunk_slices` over filter numbers, per band):
+a chunk's coefficients of band g hash into their own contiguous slice of v_g
+with the same hashes h_g, s_g. The band budgets K_g, and so the allocation
+above, are unchanged; a band with fewer buckets than chunks gets longer chunks
+(every slice keeps a bucket). Layers with a single kernel position use
+HashedNets' locality directly.
+
 Layers with a single kernel position (Linear, 1x1 convs, transformers'
 Conv1D) have nothing to transform and fall back to HashedNets, bit for bit,
 as in the paper. Conv1d and Conv3d use the 1-D and 3-D DCT of their kernels.
@@ -63,7 +73,7 @@ import torch
 
 from ..budget import split_proportional
 from ..dct import dct, frequency_sum, idct
-from ..hashing import bucket_of, hash32, int32_range_map, layer_key, sign_bit
+from ..hashing import hash32, int32_range_map, layer_key, local_bucket, sign_bit
 from .base import LayerSpec
 from .hashednets import HashedNetsConfig, HashedNetsWeight
 from .registry import register_method
@@ -75,7 +85,7 @@ ALLOCATIONS = ("beta", "uniform")
 
 @dataclass
 class FreshNetsConfig(HashedNetsConfig):
-    """Options of ``freshnets`` (plus ``cache_indices`` and ``backward`` from HashedNets).
+    """Options of ``freshnets`` (plus ``cache_indices``, ``backward`` and ``locality`` from HashedNets).
 
     alpha, beta: the Beta density that sets each frequency band's share of
     buckets per coefficient (module docstring). The defaults, alpha = 1 and
@@ -174,9 +184,12 @@ class FreshNetsWeight(HashedNetsWeight):
         if 2 * total >= 2**31:
             raise ValueError(f"layer {self.spec.name!r}: {total} buckets do not fit an int32 signed index; use fewer than 2**30")
         index_key, sign_key, buckets, offset = self._kernel_tables(device)
+        kernel_numel = self.spec.kernel_numel
+        filters = self.spec.numel // kernel_numel
+        locality = -(-self.config.locality // kernel_numel)  # whole filters per chunk; 0 stays global
 
         def fold(position: torch.Tensor) -> torch.Tensor:  # (filters, kernel_numel) flat positions
-            folded = bucket_of(hash32(position, index_key), buckets)
+            folded = local_bucket(hash32(position, index_key), position[:, :1] // kernel_numel, filters, buckets, locality)
             folded += offset + total * sign_bit(hash32(position, sign_key))
             return folded
 

@@ -25,6 +25,40 @@ the index cache shrinks B-fold. B = 1 is per-weight HashedNets, bit for bit.
 Each weight still reads exactly one value with one sign, so the least-squares
 projection is the same signed bucket mean over the expanded element index.
 
+Cache-local hashing (``locality`` = L > 0). Per-weight hashing reads a
+random entry of a table of 2K values for every weight, and the backward
+scatters into a random entry again: once the table outgrows the CPU caches
+(vgg11_bn's 7x7x512x4096 pre-logits conv: K = 6.4M at 1/16, a 51 MB signed
+table) that is one cache miss per weight in each direction. With L > 0 the
+flat weight is cut into chunks of L consecutive weights and each chunk hashes
+into its own contiguous slice of the buckets, proportional to its size
+(:func:`~hf_freqcompress.hashing.chunk_slices`):
+
+    W[i] = s(i) * v[first(c) + h(i) mod* count(c)],   c = i // L,
+
+with the same index and sign hashes as above (mod* is the multiply-shift of
+:func:`~hf_freqcompress.hashing.bucket_of`). Every weight still has its own
+independent bucket and sign within its slice; only which weights may collide
+changes (weights of the same chunk, not of the whole layer). The slices tile
+the K buckets exactly, so the budget is unchanged and every bucket is
+reachable; a chunk touches K L / N buckets of each half of the signed table
+(16 KiB per half at L = 2**16 and 1/16), which stay in L1/L2 while the chunk
+is gathered or scattered. Chunks grow to ceil(N / K) weights where L is
+smaller, so that every slice keeps a bucket. A layer of at most L weights is
+one chunk: global hashing, bit for bit. The least-squares projection is the
+same signed bucket mean over the element index.
+
+Measured (CPU, 1 thread, docs/results/perf.md): rebuilding that vgg11_bn
+layer forward and backward costs 14x a ``clone()`` of its dense weight with
+global hashing and 2.1-3.4x with any L from 2**12 to 2**18 (no trend beyond
+the noise; ``benchmarks/locality.py``); vgg11_bn's train step goes from 1.73x
+dense to 1.10x at L = 2**16, and MNIST 784-1000-10 error is unchanged (1.82%
+against 1.83% at 1/8, 2.85% both at 1/64, validation split, mean of 5 seeds).
+2**16 is the suggested value: the largest measured as fast, so collisions stay
+spread over as many weights as the cache allows, and its slice still fits L2
+up to budget 1/2. The sorted backward was slower here (4.1x against 2.3x a
+clone on vgg11_bn, twice the cache memory), so ``"auto"`` keeps the scatter.
+
 Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
 (:mod:`.gather`) so the gradient is a deterministic segment sum instead of a
 scatter (atomics on CUDA). ``"auto"`` (default) picks it for the tiled layout,
@@ -73,6 +107,12 @@ class HashedNetsConfig(MethodConfig):
     per hashed unit) instead of rehashing on every forward.
     block_size: weights per hashed block; 1 hashes every weight (the paper),
     B > 1 is the tiled ROAST layout (module docstring).
+    locality: 0 hashes every weight into all K buckets (the paper); L > 0
+    hashes each chunk of L consecutive weights into its own proportional
+    slice of the buckets, so the part of the table it touches stays in cache
+    (module docstring; 65536 measured as fast as any and as accurate as 0).
+    Per-weight hashing only: the tiled layout's rows are contiguous reads
+    already.
     backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
     deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
     block_size > 1 and indices are cached).
@@ -82,10 +122,15 @@ class HashedNetsConfig(MethodConfig):
     cache_indices: bool = True
     block_size: int = 1
     backward: str = "auto"
+    locality: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"{self.method} block_size must be an int >= 1 (1 = per-weight hashing), got {self.block_size!r}")
+        if isinstance(self.locality, bool) or not isinstance(self.locality, int) or self.locality < 0:
+            raise ValueError(f"{self.method} locality must be an int >= 0 (0 = global hashing), got {self.locality!r}")
+        if self.locality and self.block_size != 1:
+            raise ValueError(f"{self.method} locality needs block_size=1 (the tiled layout reads contiguous rows already)")
         if self.backward not in BACKWARDS:
             raise ValueError(f"unknown {self.method} backward {self.backward!r}; use one of {list(BACKWARDS)}")
         if self.backward == "sorted" and not self.cache_indices:
@@ -116,7 +161,9 @@ class HashedNetsWeight(CompressedWeight):
 
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
         """Folded row index in [0, 2 * rows) of every block (every weight when block_size is 1)."""
-        return signed_buckets_range(self.blocks, self.rows, self._index_key, self._sign_key, device=device)
+        return signed_buckets_range(
+            self.blocks, self.rows, self._index_key, self._sign_key, locality=self.config.locality, device=device
+        )
 
     def rebuild_caches(self, device: torch.device | None) -> None:
         if not self.config.cache_indices:
