@@ -38,10 +38,12 @@ __all__ = [
     "alternating_ratio",
     "compress_from_scratch",
     "benchmark_parser",
+    "median_seconds",
     "method_config",
     "mnist_tensors",
     "round_to_storage",
     "train_classifier",
+    "train_step",
     "test_error_pct",
     "timed",
     "other_values",
@@ -219,11 +221,25 @@ def compress_from_scratch(model: nn.Module, budget: str, config, seed: int) -> i
     return compress(model, budget=budget, method=config, exclude=[], seed=seed, init="preserve_norm").stored_values
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One cross-entropy step (forward, backward, optimizer step): what the step-time ratios time."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
 def timed(fn: Callable[[], object]) -> float:
     """Wall seconds of one call."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def median_seconds(fn: Callable[[], object], repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls, after one warm-up call (allocator, caches, lazy init)."""
+    fn()
+    return statistics.median(timed(fn) for _ in range(repeat))
 
 
 def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:

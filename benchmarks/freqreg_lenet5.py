@@ -40,8 +40,6 @@ Every FR row is ``finalize``d and rounded to float16 before testing.
 from __future__ import annotations
 
 import math
-import statistics
-from typing import Callable
 
 import torch
 from torch import nn
@@ -58,12 +56,12 @@ from hf_freqcompress.surgery import compressed_weights
 
 from common import (
     benchmark_parser,
+    median_seconds,
     mnist_tensors,
     other_values,
     print_table,
     round_to_storage,
     test_error_pct,
-    timed,
     train_classifier,
     write_results,
 )
@@ -149,11 +147,6 @@ def run(method: str, budget: int, data, args, epochs: int) -> dict:
         "epochs": epochs,
         "seconds": round(seconds, 1),
     }
-
-
-def median_seconds(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm caches
-    return statistics.median(timed(fn) for _ in range(repeat))
 
 
 def full_spectrum_idct(original: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

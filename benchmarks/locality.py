@@ -14,14 +14,12 @@ rebuilt weight must write), alternating the two.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 from torch import nn
 
 from hf_freqcompress import compress
 
-from common import alternating_ratio, benchmark_parser, method_config, print_table, timed, write_results
+from common import alternating_ratio, benchmark_parser, median_seconds, method_config, print_table, write_results
 
 SHAPE = (4096, 512, 7, 7)
 
@@ -37,7 +35,7 @@ def rebuild_rows(method: str, locality: int, budget: str, repeats: int) -> list[
     def rebuild() -> None:
         layer.weight.backward(upstream)
 
-    seconds = statistics.median(timed(rebuild) for _ in range(repeats))
+    seconds = median_seconds(rebuild, repeats)
     row = {"model": "conv-" + "x".join(map(str, SHAPE)), "method": method, "locality": locality, "budget": budget}
     return [{**row, "metric": "rebuild_seconds", "value": round(seconds, 3)},
             {**row, "metric": "reconstruct_vs_clone", "value": round(alternating_ratio(dense.clone, rebuild, repeats), 2)}]

@@ -42,6 +42,7 @@ from common import (
     mnist_tensors,
     print_table,
     train_classifier,
+    train_step,
     write_results,
 )
 
@@ -106,14 +107,7 @@ def step_time_ratio(config: MethodConfig, reference: MethodConfig, budget: str, 
         model = mlp(WIDE, args.dropout)
         compress_from_scratch(model, budget, method, args.seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-
-        def step() -> None:
-            loss = nn.functional.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
+        return lambda: train_step(model, optimizer, x, y)
 
     ratio = alternating_ratio(stepper(reference), stepper(config), args.timing_steps)
     return {"model": label(WIDE), "method": method_label(config), "budget": budget,

@@ -45,7 +45,7 @@ from torch.nn.utils import parametrize
 from hf_freqcompress import available_methods, compress, materialize
 from hf_freqcompress.surgery import compressed_weights
 
-from common import alternating_ratio, benchmark_parser, method_config, print_table, timed, write_results
+from common import alternating_ratio, benchmark_parser, method_config, print_table, timed, train_step, write_results
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,6 @@ def inputs_for(workload: Workload) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(workload.batch, 3, workload.image, workload.image, generator=generator)
     y = torch.randint(0, 100, (workload.batch,), generator=generator)
     return x, y
-
-
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 def reconstruct_ratios(model: nn.Module, repeats: int) -> dict[str, float]:
