@@ -49,6 +49,7 @@ __all__ = [
     "other_values",
     "write_results",
     "print_table",
+    "soft_targets",
 ]
 
 
@@ -164,6 +165,13 @@ def train_classifier(
             if on_step is not None:
                 on_step(step)
     return time.perf_counter() - start_time
+
+
+@torch.no_grad()
+def soft_targets(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """A trained network's logits on every training example (dropout off): the distillation targets."""
+    model.eval()
+    return torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
 
 
 def other_values(model: nn.Module) -> int:

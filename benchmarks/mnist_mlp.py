@@ -41,6 +41,7 @@ from common import (
     method_config,
     mnist_tensors,
     print_table,
+    soft_targets,
     train_classifier,
     train_step,
     write_results,
@@ -89,13 +90,6 @@ def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, 
                        stored_values=stored, epochs=args.epochs, seconds=seconds)
     print_table([row], COLUMNS)
     return row, model
-
-
-@torch.no_grad()
-def soft_targets(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """The trained dense network's logits on every training example (dropout off): the distillation targets."""
-    model.eval()
-    return torch.cat([model(x[start : start + batch_size]) for start in range(0, len(x), batch_size)])
 
 
 def step_time_ratio(config: MethodConfig, reference: MethodConfig, budget: str, args) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from common import (
     mnist_tensors,
     print_table,
     round_to_storage,
+    soft_targets,
     test_error_pct,
     train_classifier,
     write_results,
@@ -155,8 +156,10 @@ def quantize_and_finetune(label: str, base: nn.Module, data, configs: dict[str, 
         "rel_error": round(sum(layer.rel_error for layer in layers) / len(layers), 4),
     }
     rows = [row(label, model, data, epochs=epochs_so_far, seconds=seconds, finetuned=False, **common)]
+    teacher = soft_targets(base, data[0]) if args.finetune_distill else None
     seconds += train_classifier(model, data[0], data[1], epochs=args.finetune_epochs, lr=args.finetune_lr,
-                                seed=args.seed + 2, optimizer="adam")
+                                seed=args.seed + 2, optimizer="adam", teacher_logits=teacher,
+                                distill_alpha=args.finetune_distill)
     round_to_storage(model, args.storage_dtype)
     rows.append(row(label, model, data, epochs=epochs_so_far + args.finetune_epochs, seconds=seconds,
                     finetuned=True, **common))
@@ -193,6 +196,8 @@ def main() -> None:
     parser.add_argument("--reg-lr", type=float, default=0.01, help="SGD learning rate of both continuations")
     parser.add_argument("--lam", type=float, default=0.1, help="regularizer weight (ramped up from lam/100)")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of codebook fine-tuning")
+    parser.add_argument("--finetune-distill", type=float, default=0.0, metavar="ALPHA",
+                        help="fine-tune against the unquantized model's logits: (1 - ALPHA) CE + ALPHA KD (T 4)")
     parser.add_argument("--reg-epochs", type=int, help="epochs of each continuation (with / without the penalty)")
     parser.add_argument("--finetune-epochs", type=int, help="codebook fine-tuning epochs after PQ")
     parser.add_argument("--validation", action="store_true",

@@ -36,6 +36,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         if isinstance(value, int) and not isinstance(value, bool):
             return f"{value:,}"
+        if isinstance(value, list):  # one number per seed (benchmarks/seeds.py)
+            return " / ".join(cell(v) for v in value)
         return "" if value is None else str(value)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -44,7 +46,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """Test error vs stored values (log x), one line per (model family, method)."""
+    """Test error vs stored values (log x), one line per method; seed-merged rows get their std as error bars."""
     points = [r for r in rows if "test_error_pct" in r and "stored_values" in r]
     if not points:
         return None
@@ -55,8 +57,12 @@ def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path 
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in points}):
-        series = sorted((r["stored_values"], r["test_error_pct"]) for r in points if r["method"] == method)
-        axis.plot([s for s, _ in series], [e for _, e in series], marker="o", label=method)
+        series = sorted(
+            (r["stored_values"], r["test_error_pct"], r.get("test_error_pct_std", 0.0))
+            for r in points if r["method"] == method
+        )
+        axis.errorbar([s for s, _, _ in series], [e for _, e, _ in series], yerr=[d for _, _, d in series],
+                      marker="o", capsize=3, label=method)  # error bars: std over seeds, where merged
     axis.set_xscale("log")
     axis.set_xlabel("stored values (weights of the targeted layers)")
     axis.set_ylabel("test error (%)")
