@@ -12,7 +12,10 @@ Rows:
 ``--distill`` trains the 784-1000-10 compressed and equal-size rows against
 the dense row's soft targets as well (HashedNets' "DK" rows: knowledge
 distillation from the dense network; method labels gain ``+dk``). The
-5-layer rows are never distilled.
+5-layer rows are never distilled. ``--from-dense`` compresses the trained
+dense row instead of a fresh network (least-squares projection, then the
+same training: the library's compress-then-fine-tune workflow); labels gain
+``+from_dense``.
 
 Every layer is compressed, the output layer included (``exclude=[]``), as in
 both papers, from a fresh init with ``init="preserve_norm"``. Same seed,
@@ -26,11 +29,13 @@ claims lower errors than HashedNets at the same budget.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
+from hf_freqcompress import compress
 from hf_freqcompress.methods import MethodConfig
 
 from common import (
@@ -73,18 +78,26 @@ def method_label(config: MethodConfig) -> str:
 
 
 def run(sizes: tuple[int, ...], config: MethodConfig | None, budget: str, data, args,
-        teacher_logits: torch.Tensor | None = None) -> tuple[dict[str, Any], nn.Module]:
-    """Train one row; returns its table row and the trained model."""
+        teacher_logits: torch.Tensor | None = None, start: nn.Module | None = None) -> tuple[dict[str, Any], nn.Module]:
+    """Train one row; returns its table row and the trained model.
+
+    ``start``: a trained dense network to compress (least-squares projection,
+    the library's compress-then-fine-tune workflow) instead of a fresh init.
+    """
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(args.seed)
-    model = mlp(sizes, args.dropout)
     dense_values = sum(a * b for a, b in zip(sizes, sizes[1:]))
-    stored = compress_from_scratch(model, budget, config, args.seed) if config else dense_values
+    if start is not None:
+        model = copy.deepcopy(start)
+        stored = compress(model, budget=budget, method=config, exclude=[], seed=args.seed).stored_values
+    else:
+        model = mlp(sizes, args.dropout)
+        stored = compress_from_scratch(model, budget, config, args.seed) if config else dense_values
     torch.manual_seed(args.seed)
     seconds = train_classifier(model, train_x, train_y, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer,
                                batch_size=args.batch_size, seed=args.seed, teacher_logits=teacher_logits,
                                distill_alpha=args.distill_alpha, temperature=args.temperature)
-    method = method_label(config) if config else "dense"
+    method = (method_label(config) if config else "dense") + ("+from_dense" if start is not None else "")
     row = accuracy_row(label(sizes), method + ("+dk" if teacher_logits is not None else ""),
                        budget if config else "1", model, (test_x, test_y), dense_values=dense_values,
                        stored_values=stored, epochs=args.epochs, seconds=seconds)
@@ -123,23 +136,26 @@ def main() -> None:
                         help="distil the 784-1000-10 compressed and equal-size rows from the dense row (needs it)")
     parser.add_argument("--distill-alpha", type=float, default=0.5, help="weight of the distillation term")
     parser.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    parser.add_argument("--from-dense", action="store_true",
+                        help="784-1000-10 compressed rows start from the trained dense row (projected), not a fresh init")
     parser.add_argument("--no-deep", action="store_true", help="skip the 5-layer MLP rows")
     parser.add_argument("--validation", action="store_true",
                         help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
     args = parser.parse_args()
     args.epochs = args.epochs or (3 if args.quick else 30)
-    if args.distill and args.no_dense:
-        parser.error("--distill needs the dense row as its teacher; drop --no-dense")
+    if (args.distill or args.from_dense) and args.no_dense:
+        parser.error("--distill and --from-dense need the dense row; drop --no-dense")
     torch.set_num_threads(args.threads)
     methods = [method_config(text) for text in args.methods]
     data = mnist_tensors(flatten=True, validation=args.validation)
-    rows, teacher = [], None
+    rows, teacher, dense_model = [], None, None
     if not args.no_dense:
         dense_row, dense_model = run(WIDE, None, "1", data, args)
         rows.append(dense_row)
         teacher = soft_targets(dense_model, data[0]) if args.distill else None
     for budget in args.budgets:
-        rows += [run(WIDE, config, budget, data, args, teacher)[0] for config in methods]
+        start = dense_model if args.from_dense else None
+        rows += [run(WIDE, config, budget, data, args, teacher, start)[0] for config in methods]
         if not args.no_dense:
             width = max(1, round(rows[-1]["stored_values"] / (WIDE[0] + WIDE[-1])))
             equal, _ = run((WIDE[0], width, WIDE[-1]), None, budget, data, args, teacher)
