@@ -54,6 +54,7 @@ def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axis = plt.subplots(figsize=(6, 4))
     for method in sorted({r["method"] for r in points}):
@@ -64,6 +65,7 @@ def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path 
         axis.errorbar([s for s, _, _ in series], [e for _, e, _ in series], yerr=[d for _, _, d in series],
                       marker="o", capsize=3, label=method)  # error bars: std over seeds, where merged
     axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap on short ranges
     axis.set_xlabel("stored values (weights of the targeted layers)")
     axis.set_ylabel("test error (%)")
     axis.set_title(name)
