@@ -14,6 +14,8 @@ the trained dense CNN right after ``compress()`` projects its two conv
 layers at the row's budget (least squares, no fine-tuning; the FC layers
 stay dense, since there the methods are identical), and
 ``projected_conv_rel_error``, the relative weight error of that projection.
+``--projection-budgets`` adds projection-only rows (no training) at more
+budgets, to find where each method stops keeping the trained network.
 
     python benchmarks/mnist_cnn.py --out docs/results/mnist_cnn.json
 """
@@ -118,6 +120,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, default=FreshNetsConfig.alpha)
     parser.add_argument("--beta", type=float, default=FreshNetsConfig.beta)
     parser.add_argument("--allocation", default=FreshNetsConfig.allocation, choices=["beta", "uniform"])
+    parser.add_argument("--projection-budgets", nargs="*", default=[],
+                        help="also project the trained dense CNN's convolutions at these budgets (no training)")
     parser.add_argument("--train-size", type=int, help="train on the first N digits (default: all 60,000)")
     parser.add_argument("--validation", action="store_true",
                         help="train on the first 50,000 training digits, report error on the last 10,000 (for tuning)")
@@ -147,6 +151,11 @@ def main() -> None:
             target = target or parse_budget(budget).total_values(weight_count(*WIDTHS), 32)
             row, _ = run(equal_size_widths(target), "dense_equal_size", budget, data, args, epochs)
             rows.append(row)
+        print_table(rows, COLUMNS)
+    if dense_model is not None:
+        rows += [{"model": name_of(WIDTHS), "method": method, "budget": budget,
+                  **projected(dense_model, method, budget, args, data)}
+                 for budget in args.projection_budgets for method in ("freshnets", "hashednets")]
         print_table(rows, COLUMNS)
     write_results("mnist_cnn", rows, args.out)
 
