@@ -153,8 +153,8 @@ def main() -> None:
         dense_row, dense_model = run(WIDE, None, "1", data, args)
         rows.append(dense_row)
         teacher = soft_targets(dense_model, data[0]) if args.distill else None
+    start = dense_model if args.from_dense else None
     for budget in args.budgets:
-        start = dense_model if args.from_dense else None
         rows += [run(WIDE, config, budget, data, args, teacher, start)[0] for config in methods]
         if not args.no_dense:
             width = max(1, round(rows[-1]["stored_values"] / (WIDE[0] + WIDE[-1])))

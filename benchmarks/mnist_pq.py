@@ -157,9 +157,10 @@ def quantize_and_finetune(label: str, base: nn.Module, data, configs: dict[str, 
     }
     rows = [row(label, model, data, epochs=epochs_so_far, seconds=seconds, finetuned=False, **common)]
     teacher = soft_targets(base, data[0]) if args.finetune_distill else None
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = args.finetune_dropout
+    if args.finetune_dropout is not None:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = args.finetune_dropout
     seconds += train_classifier(model, data[0], data[1], epochs=args.finetune_epochs, lr=args.finetune_lr,
                                 seed=args.seed + 2, optimizer="adam", teacher_logits=teacher,
                                 distill_alpha=args.finetune_distill)
@@ -199,8 +200,8 @@ def main() -> None:
     parser.add_argument("--reg-lr", type=float, default=0.01, help="SGD learning rate of both continuations")
     parser.add_argument("--lam", type=float, default=0.1, help="regularizer weight (ramped up from lam/100)")
     parser.add_argument("--finetune-lr", type=float, default=1e-3, help="Adam learning rate of codebook fine-tuning")
-    parser.add_argument("--finetune-dropout", type=float, default=0.2,
-                        help="dropout on the hidden activations while fine-tuning codebooks")
+    parser.add_argument("--finetune-dropout", type=float,
+                        help="dropout on the hidden activations while fine-tuning codebooks (default: --dropout)")
     parser.add_argument("--finetune-distill", type=float, default=0.0, metavar="ALPHA",
                         help="fine-tune against the unquantized model's logits: (1 - ALPHA) CE + ALPHA KD (T 4)")
     parser.add_argument("--reg-epochs", type=int, help="epochs of each continuation (with / without the penalty)")
