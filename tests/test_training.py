@@ -124,6 +124,25 @@ def test_distillation_term_is_in_the_loss_and_the_teacher_gets_no_gradient():
     torch.testing.assert_close(only_kd, kd)
 
 
+def test_label_smoothing_mixes_uniform_targets_into_the_task_loss():
+    torch.manual_seed(0)
+    model, inputs, labels = nn.Linear(8, 4), torch.randn(16, 8), torch.randint(0, 4, (16,))
+    smoothed, terms = TrainingLoss(label_smoothing=0.2)(model, model, inputs, labels)
+    log_probs = model(inputs).log_softmax(-1)
+    expected = 0.8 * nn.functional.nll_loss(log_probs, labels) - 0.2 * log_probs.mean(-1).mean()
+    torch.testing.assert_close(smoothed, expected)
+    plain, _ = TrainingLoss()(model, model, inputs, labels)
+    assert float(smoothed) != pytest.approx(float(plain))
+
+
+def test_recipe_label_smoothing_reaches_the_loss(tmp_path):
+    def first_task_loss(*overrides: str) -> float:
+        recipe = tiny(tmp_path, "training.max_steps=1", "training.log_every_steps=1", *overrides, name=str(overrides))
+        return next(r["loss_task"] for r in MetricsLog.read(train(recipe).output_dir) if "loss_task" in r)
+
+    assert first_task_loss("training.label_smoothing=0.5") != pytest.approx(first_task_loss())
+
+
 def test_distillation_recipe_logs_the_teacher_term(tmp_path):
     result = train(tiny(tmp_path, "distillation.enabled=true", "training.max_steps=8"))
     rows = [r for r in MetricsLog.read(result.output_dir) if "loss_distill" in r]
@@ -187,6 +206,7 @@ def test_bf16_mixed_precision_runs_on_cpu(tmp_path):
         ("compression.budget=1", "smallest feasible budget is 2"),
         ("training.epochs=two", "training.epochs: expected an integer"),
         ("optimizer.name=lbfgs", "optimizer.name: 'lbfgs' is not one of"),
+        ("training.label_smoothing=1.0", "training.label_smoothing must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_recipe_fails_before_training(tmp_path, capsys, override, message):

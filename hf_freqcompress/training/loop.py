@@ -200,6 +200,7 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         alpha=recipe.distillation.alpha if teacher is not None else 0.0,
         temperature=recipe.distillation.temperature,
         compression_weight=settings.compression_loss_weight,
+        label_smoothing=settings.label_smoothing,
         penalties=_penalties(recipe),
     )
 

@@ -46,6 +46,8 @@ class NamedPenalty:
 class TrainingLoss:
     """loss = (1 - alpha) CE + alpha KD + compression_weight * sum(method terms) + sum(w * penalty).
 
+    CE smooths its targets by ``label_smoothing`` (the KD term is already soft).
+
     ``teacher`` is the dense model before ``compress()``; it runs under
     ``no_grad`` with frozen parameters, so it never receives gradients and
     never enters the optimizer. ``alpha`` is 0 without a teacher.
@@ -55,6 +57,7 @@ class TrainingLoss:
     alpha: float = 0.0
     temperature: float = 1.0
     compression_weight: float = 1.0
+    label_smoothing: float = 0.0
     penalties: list[NamedPenalty] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -77,7 +80,7 @@ class TrainingLoss:
         (accelerate's mixed precision).
         """
         logits = model(inputs)
-        task = F.cross_entropy(logits.float(), labels)
+        task = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         terms = {"loss_task": task.detach()}
         loss = task
         if self.teacher is not None and self.alpha > 0:
