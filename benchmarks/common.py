@@ -119,6 +119,7 @@ def train_classifier(
     teacher_logits: torch.Tensor | None = None,
     distill_alpha: float = 0.5,
     temperature: float = 4.0,
+    label_smoothing: float = 0.0,
 ) -> float:
     """SGD with Nesterov momentum (or Adam) and a cosine schedule; returns wall seconds.
 
@@ -130,7 +131,8 @@ def train_classifier(
     SGD learning rate cannot fit every scale. ``teacher_logits`` (one row
     per training example, from a trained dense network) turn on knowledge
     distillation with the library's loss: (1 - alpha) CE + alpha KD at
-    ``temperature``, HashedNets' "dark knowledge" variant.
+    ``temperature``, HashedNets' "dark knowledge" variant. ``label_smoothing``
+    smooths the cross-entropy's targets (the KD term is soft already).
     """
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in (parameters if parameters is not None else model.parameters()) if p.requires_grad]
@@ -151,7 +153,7 @@ def train_classifier(
         for start in range(0, len(train_x), batch_size):
             batch = order[start : start + batch_size]
             logits = model(train_x[batch])
-            loss = F.cross_entropy(logits, train_y[batch])
+            loss = F.cross_entropy(logits, train_y[batch], label_smoothing=label_smoothing)
             if teacher_logits is not None:
                 kd = distillation_loss(logits, teacher_logits[batch], temperature)
                 loss = (1.0 - distill_alpha) * loss + distill_alpha * kd
