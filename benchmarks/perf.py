@@ -19,7 +19,12 @@ For each model and method (at 1/16 unless told otherwise):
   compressed) the process resets its high-water mark (``5`` into
   ``/proc/self/clear_refs``), so building the dense model first does not
   count, then reads ``VmHWM`` after the steps (Linux only);
-- ``compress_seconds``: wall time of ``compress()`` on resnet50 and vit_base.
+- ``compress_seconds``: wall time of ``compress()`` on resnet50 and vit_base;
+- with ``--compile``, also ``train_step_compiled_ratio`` (``torch.compile``
+  of the compressed model / of the dense one, both after compilation) and
+  ``reconstruct_compiled_vs_memcpy`` / ``_vs_clone`` (the rebuild of every
+  weight as one compiled function: inductor fuses the signed table, the
+  gather and the backward's scatter into loops over the layer).
 
 Methods are registered names or ``name:key=value,...`` with config options
 (``hashednets:block_size=64`` is the tiled layout); by default every
@@ -77,16 +82,24 @@ def inputs_for(workload: Workload) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def reconstruct_ratios(model: nn.Module, repeats: int) -> dict[str, float]:
+def reconstruct_ratios(model: nn.Module, repeats: int, compiled: bool = False) -> dict[str, float]:
     """Rebuild all compressed weights (forward + backward) / write the same dense values, against both floors.
 
     The upstream gradients exist before the clock starts: allocating them is
-    the caller's cost (autograd's), not the reconstruction's.
+    the caller's cost (autograd's), not the reconstruction's. All weights are
+    rebuilt, then one backward runs through all of them: the shape a
+    ``torch.compile``d rebuild (``compiled``) needs, so eager and compiled
+    are timed alike.
     """
     layers = [(module, name) for _, module, name, _ in compressed_weights(model)]
     sources = [torch.randn_like(getattr(module, name)) for module, name in layers]
     targets = [torch.empty_like(source) for source in sources]
     upstream = [torch.ones_like(source) for source in sources]
+
+    def weights() -> list[torch.Tensor]:
+        return [getattr(module, name) for module, name in layers]
+
+    rebuild = torch.compile(weights) if compiled else weights
 
     def copy_all() -> None:
         for target, source in zip(targets, sources):
@@ -97,11 +110,11 @@ def reconstruct_ratios(model: nn.Module, repeats: int) -> dict[str, float]:
             source.clone()
 
     def rebuild_all() -> None:
-        for (module, name), grad in zip(layers, upstream):
-            getattr(module, name).backward(grad)
+        torch.autograd.backward(rebuild(), upstream)
 
-    return {"reconstruct_vs_memcpy": alternating_ratio(copy_all, rebuild_all, repeats),
-            "reconstruct_vs_clone": alternating_ratio(clone_all, rebuild_all, repeats)}
+    prefix = "reconstruct_compiled" if compiled else "reconstruct"
+    return {f"{prefix}_vs_memcpy": alternating_ratio(copy_all, rebuild_all, repeats),
+            f"{prefix}_vs_clone": alternating_ratio(clone_all, rebuild_all, repeats)}
 
 
 def persistent_bytes(model: nn.Module) -> int:
@@ -151,23 +164,34 @@ def measure_peak_rss(model_name: str, batch: int, image: int, method: str, budge
     print(high_water_bytes())
 
 
-def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool) -> list[dict]:
+def train_step_ratio(dense: nn.Module, compressed: nn.Module, workload: Workload, repeats: int,
+                     compiled: bool = False) -> float:
+    """SGD train step of ``compressed`` / of ``dense``, each ``torch.compile``d first if ``compiled``."""
+    x, y = inputs_for(workload)
+
+    def stepper(model: nn.Module):
+        runner = torch.compile(model) if compiled else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        return lambda: train_step(runner, optimizer, x, y)
+
+    return alternating_ratio(stepper(dense), stepper(compressed), repeats)  # its warm-up call compiles
+
+
+def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool,
+            with_compile: bool = False) -> list[dict]:
     torch.manual_seed(0)
     dense = build(workload)
     compressed = copy.deepcopy(dense)
     report = compress(compressed, budget=budget, method=method_config(method))
-    x, y = inputs_for(workload)
-    dense_optimizer = torch.optim.SGD(dense.parameters(), lr=0.01, momentum=0.9)
-    compressed_optimizer = torch.optim.SGD(compressed.parameters(), lr=0.01, momentum=0.9)
+    x, _ = inputs_for(workload)
     results = {
-        "train_step_ratio": alternating_ratio(
-            lambda: train_step(dense, dense_optimizer, x, y),
-            lambda: train_step(compressed, compressed_optimizer, x, y),
-            repeats,
-        ),
+        "train_step_ratio": train_step_ratio(dense, compressed, workload, repeats),
         **reconstruct_ratios(compressed, repeats),
         "persistent_memory_ratio": persistent_bytes(compressed) / report.stored_bytes,
     }
+    if with_compile:
+        results["train_step_compiled_ratio"] = train_step_ratio(dense, compressed, workload, repeats, compiled=True)
+        results.update(reconstruct_ratios(compressed, repeats, compiled=True))
     dense.eval(), compressed.eval()
     with torch.no_grad():
         # One cached() context around all the timed calls, as an evaluation loop
@@ -199,6 +223,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[*available_methods(), *EXTRA_VARIANTS])
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--models", nargs="+", help="only these workloads (e.g. resnet18); skips compress timing")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile'd train steps and reconstruction (minutes of compilation each)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
@@ -209,7 +235,8 @@ def main() -> None:
     rows = []
     for method in args.methods:
         for workload in workloads:
-            rows += measure(workload, method, args.budget, repeats, with_memory=not args.quick)
+            rows += measure(workload, method, args.budget, repeats, with_memory=not args.quick,
+                            with_compile=args.compile)
             print_table(rows, ["model", "method", "budget", "metric", "value"])
         for model_name in timing_models:
             rows.append(compress_seconds(model_name, method, args.budget))
