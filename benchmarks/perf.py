@@ -23,8 +23,7 @@ For each model and method (at 1/16 unless told otherwise):
 - with ``--compile``, also ``train_step_compiled_ratio`` (``torch.compile``
   of the compressed model / of the dense one, both after compilation) and
   ``reconstruct_compiled_vs_memcpy`` / ``_vs_clone`` (the rebuild of every
-  weight as one compiled function: inductor fuses the signed table, the
-  gather and the backward's scatter into loops over the layer).
+  weight as one compiled function, against the same floors).
 
 Methods are registered names or ``name:key=value,...`` with config options
 (``hashednets:block_size=64`` is the tiled layout); by default every
