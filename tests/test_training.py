@@ -127,7 +127,7 @@ def test_distillation_term_is_in_the_loss_and_the_teacher_gets_no_gradient():
 def test_label_smoothing_mixes_uniform_targets_into_the_task_loss():
     torch.manual_seed(0)
     model, inputs, labels = nn.Linear(8, 4), torch.randn(16, 8), torch.randint(0, 4, (16,))
-    smoothed, terms = TrainingLoss(label_smoothing=0.2)(model, model, inputs, labels)
+    smoothed, _ = TrainingLoss(label_smoothing=0.2)(model, model, inputs, labels)
     log_probs = model(inputs).log_softmax(-1)
     expected = 0.8 * nn.functional.nll_loss(log_probs, labels) - 0.2 * log_probs.mean(-1).mean()
     torch.testing.assert_close(smoothed, expected)
