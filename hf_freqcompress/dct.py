@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["dct_matrix", "dct", "idct", "dct_corner", "idct_corner", "zigzag_order", "frequency_sum"]
+__all__ = [
+    "dct_matrix", "dct", "idct", "trailing_idct_matrix", "dct_corner", "idct_corner", "zigzag_order", "frequency_sum"]
 
 # Largest joint size of adjacent dims fused into one Kronecker basis. A fused
 # basis costs m multiply-adds per element instead of the sum of the factor
@@ -172,6 +173,29 @@ def dct(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 def idct(x: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """Inverse of :func:`dct` (orthonormal DCT-III), ``scipy.fft.idctn(..., norm="ortho")``."""
     return _transform(x, dims, inverse=True)
+
+
+def trailing_idct_matrix(
+    shape: Sequence[int], dims: Sequence[int], dtype: torch.dtype, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """M with ``idct(x, dims) == (x.reshape(-1, m) @ M).reshape(shape)`` for x of ``shape``, or None.
+
+    Exists when ``dims`` are the trailing dims of ``shape`` and :func:`idct`
+    would transform them with one fused basis in ``dtype`` itself (joint size
+    m <= 64, no CPU half-precision upcast): then a caller may fold the inverse
+    transform into its own GEMMs, e.g. chunk by chunk while the rows are still
+    in cache, and get what :func:`idct` computes. M is cached and read-only.
+    """
+    shape = _checked_shape(shape)
+    axes = _normalize_dims(dims, len(shape))
+    device = _as_device(device)
+    trailing = axes == tuple(range(len(shape) - len(axes), len(shape)))
+    if not axes or not trailing or (device.type == "cpu" and dtype in _CPU_UPCAST):
+        return None
+    groups = _fused_groups(torch.Size(shape), axes)
+    if len(groups) != 1 or groups[0] != (axes[0], len(shape)):
+        return None
+    return _basis(tuple(shape[axes[0]:]), dtype, device)
 
 
 def _index_sum(

@@ -8,7 +8,7 @@ import pytest
 import scipy.fft
 import torch
 
-from hf_freqcompress.dct import dct, dct_matrix, frequency_sum, idct, zigzag_order
+from hf_freqcompress.dct import dct, dct_matrix, frequency_sum, idct, trailing_idct_matrix, zigzag_order
 
 # (shape, dims): every code path of the transform. Kernel dims fuse into one
 # Kronecker basis (3x3, 3x5, 1x1, 8x8 = 64, the fusion limit); 9x9 and long
@@ -132,6 +132,25 @@ def test_one_gemm_per_fused_group(shape, dims, expected):
     x = torch.randn(shape)
     dct(x, dims)  # build the cached bases outside the count
     assert _matmul_count(lambda: dct(x, dims)) == expected
+
+
+@pytest.mark.parametrize("shape, dims", [((6, 4, 3, 3), (2, 3)), ((5, 2, 7, 7), (-2, -1)), ((4, 3, 1, 5), (2, 3)),
+                                         ((4, 3, 5), (2,)), ((2, 3, 2, 2, 2), (2, 3, 4))])
+def test_trailing_idct_matrix_is_the_idct_as_one_product(shape, dims):
+    x = torch.randn(shape, dtype=torch.float64)
+    matrix = trailing_idct_matrix(shape, dims, torch.float64)
+    m = matrix.shape[0]
+    assert torch.allclose((x.reshape(-1, m) @ matrix).reshape(shape), idct(x, dims), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape, dims, dtype", [
+    ((4, 3, 9, 9), (2, 3), torch.float32),  # 81 > 64: idct uses one GEMM per dim
+    ((4, 3, 5, 5), (1, 2), torch.float32),  # not the trailing dims
+    ((4, 3, 5, 5), (), torch.float32),  # nothing to transform
+    ((4, 3, 5, 5), (2, 3), torch.bfloat16),  # CPU rounds half precision from float32
+])
+def test_trailing_idct_matrix_is_none_where_idct_is_not_one_product(shape, dims, dtype):
+    assert trailing_idct_matrix(shape, dims, dtype) is None
 
 
 def test_empty_dims_is_identity():

@@ -16,7 +16,9 @@ from torch.nn import functional as F
 from hf_freqcompress import FreshNetsConfig, compress
 from hf_freqcompress.hashing import bucket_of, hash32, layer_key, sign_bit
 from hf_freqcompress.methods.base import LayerSpec
+from hf_freqcompress.methods import freshnets
 from hf_freqcompress.methods.freshnets import allocate_buckets, band_rates, band_sizes
+from hf_freqcompress.methods.gather import gather_transform
 
 
 def parametrization_of(layer: nn.Module):
@@ -67,6 +69,28 @@ def test_matches_naive_reference(layer, budget):
     expected = naive_freshnets(values, parametrization.band_buckets, tuple(layer.weight.shape), "0.weight", 3)
     assert values.numel() == budget == sum(parametrization.band_buckets)
     torch.testing.assert_close(layer.weight.detach().double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_kernels_rebuild_through_the_fused_chunked_gather_with_the_same_result(monkeypatch):
+    layer = nn.Conv2d(6, 8, 3).double()
+    compress(nn.Sequential(layer), budget=30, method="freshnets", exclude=[])
+    calls = []
+    monkeypatch.setattr(freshnets, "gather_transform", lambda *args: calls.append(1) or gather_transform(*args))
+    upstream = torch.randn(8, 6, 3, 3, dtype=torch.float64)
+
+    def weight_and_grad() -> tuple[torch.Tensor, torch.Tensor]:
+        original = layer.parametrizations.weight.original
+        original.grad = None
+        weight = layer.weight
+        weight.backward(upstream)
+        return weight.detach(), original.grad.clone()
+
+    fused_weight, fused_grad = weight_and_grad()
+    monkeypatch.setattr(freshnets, "trailing_idct_matrix", lambda *args: None)  # the unfused idct(gather) path
+    plain_weight, plain_grad = weight_and_grad()
+    assert len(calls) == 1
+    torch.testing.assert_close(fused_weight, plain_weight, atol=1e-12, rtol=0)
+    torch.testing.assert_close(fused_grad, plain_grad, atol=1e-12, rtol=0)
 
 
 # Conv2d(6, 8, 3): 48 filters of 9; L = 40 gives chunks of 5 filters (a partial last one of 3),
@@ -192,7 +216,7 @@ def test_bad_config_is_rejected():
         FreshNetsConfig(block_size=8)
     with pytest.raises(ValueError, match="block_size must be an int >= 1"):
         FreshNetsConfig(block_size=0)
-    with pytest.raises(ValueError, match="freshnets locality must be an int >= 0"):
+    with pytest.raises(ValueError, match="freshnets locality must be \"auto\" or an int >= 0"):
         FreshNetsConfig(locality=-1)
     assert FreshNetsConfig.from_dict(FreshNetsConfig(beta=4.0).to_dict()) == FreshNetsConfig(beta=4.0)
 

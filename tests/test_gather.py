@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_freqcompress.methods import gather
-from hf_freqcompress.methods.gather import gather_rows, segment_sum_csr, segment_sum_sorted, sort_rows
+from hf_freqcompress.methods.gather import gather_rows, gather_transform, segment_sum_csr, segment_sum_sorted, sort_rows
 
 
 def _case(rows: int, width: int, units: int, dtype=torch.float64, device="cpu"):
@@ -22,6 +22,21 @@ def _grad(table, index, upstream, plan):
     table.grad = None
     gather_rows(table, index, plan).backward(upstream)
     return table.grad.clone()
+
+
+@pytest.mark.parametrize("chunk_elements", [2**18, 24, 7])  # one chunk; several; chunks of one row
+def test_gather_transform_equals_gather_then_product(monkeypatch, chunk_elements):
+    monkeypatch.setattr(gather, "_CHUNK_ELEMENTS", chunk_elements)
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(40, generator=generator, dtype=torch.float64).requires_grad_()
+    index = torch.randint(0, 40, (23, 9), generator=generator, dtype=torch.int32)
+    matrix = torch.randn(9, 9, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(23, 9, generator=generator, dtype=torch.float64)
+    expected = table.index_select(0, index.view(-1)).view(23, 9) @ matrix
+    (expected_grad,) = torch.autograd.grad(expected, table, upstream)
+    out = gather_transform(table, index, matrix)
+    (grad,) = torch.autograd.grad(out, table, upstream)
+    assert torch.allclose(out, expected, atol=1e-12) and torch.allclose(grad, expected_grad, atol=1e-12)
 
 
 def test_sort_rows_is_a_stable_csr_of_the_index():

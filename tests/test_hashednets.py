@@ -10,6 +10,7 @@ import json
 from hf_freqcompress import FreshNetsConfig, HashedNetsConfig, compress, from_pretrained, save_pretrained
 from hf_freqcompress.hashing import bucket_of, chunk_slices, hash32, layer_key, sign_bit
 from hf_freqcompress.methods import resolve_config
+from hf_freqcompress.methods.hashednets import AUTO_LOCALITY, LOCAL_ABOVE_BUCKETS
 from hf_freqcompress.models import build_model
 
 
@@ -101,6 +102,24 @@ def test_locality_zero_or_one_chunk_is_global_hashing_bit_for_bit(locality):
     assert torch.equal(plain.weight, local.weight)
     values = plain.parametrizations.weight.original.detach()
     assert torch.equal(plain.weight.detach(), naive_hashednets(values, (30, 40), "0.weight", 0))
+
+
+@pytest.mark.parametrize("config_class, layer", [
+    (HashedNetsConfig, lambda: nn.Linear(1000, 600)),
+    (FreshNetsConfig, lambda: nn.Conv2d(256, 256, 3)),
+])
+def test_auto_locality_chunks_only_layers_whose_table_outgrows_the_cache(config_class, layer):
+    def signed_index(budget: int, config) -> torch.Tensor:
+        module = layer()
+        compress(nn.Sequential(module), budget=budget, exclude=[], method=config)
+        return module.parametrizations.weight[0].signed_index
+
+    above = LOCAL_ABOVE_BUCKETS + 1
+    assert torch.equal(signed_index(above, config_class()), signed_index(above, config_class(locality=AUTO_LOCALITY)))
+    assert not torch.equal(signed_index(above, config_class()), signed_index(above, config_class(locality=0)))
+    below = LOCAL_ABOVE_BUCKETS
+    assert torch.equal(signed_index(below, config_class()), signed_index(below, config_class(locality=0)))
+    assert HashedNetsConfig(block_size=8).locality_for(2**30) == 0  # the tiled layout reads rows already
 
 
 @pytest.mark.parametrize("numel, buckets, locality", [(240, 37, 64), (240, 37, 3), (1000, 1000, 7), (97, 5, 10), (10, 1, 4)])
@@ -219,10 +238,10 @@ def test_sorted_plan_is_cached_and_reported():
     ({"block_size": 2.5}, "block_size must be an int >= 1"),
     ({"block_size": True}, "block_size must be an int >= 1"),
     ({"backward": "atomic"}, "unknown hashednets backward 'atomic'"),
-    ({"locality": -1}, "locality must be an int >= 0"),
-    ({"locality": 2.5}, "locality must be an int >= 0"),
-    ({"locality": "4096"}, "locality must be an int >= 0"),
-    ({"locality": True}, "locality must be an int >= 0"),
+    ({"locality": -1}, 'locality must be "auto" or an int >= 0'),
+    ({"locality": 2.5}, 'locality must be "auto" or an int >= 0'),
+    ({"locality": "4096"}, 'locality must be "auto" or an int >= 0'),
+    ({"locality": True}, 'locality must be "auto" or an int >= 0'),
     ({"locality": 64, "block_size": 8}, "locality needs block_size=1"),
     ({"backward": "sorted", "cache_indices": False}, "needs cache_indices=True"),
 ])

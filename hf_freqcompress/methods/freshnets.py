@@ -41,14 +41,19 @@ Layout. All bands' tables are concatenated into one ``original`` vector
 (band g at offset o_g = K_0 + ... + K_{g-1}), and the whole coefficient
 tensor is addressed by one folded int32 index, as in HashedNets but folded
 with the total K: index(i) = o_g + h_g(i) + K * [s_g(i) < 0]. Reconstruction
-is one gather from cat([v, -v]) plus one IDCT over the kernel dims;
+is one gather from cat([v, -v]) plus one IDCT over the kernel dims, fused
+chunk by chunk when the kernel's IDCT is one small GEMM
+(:func:`~hf_freqcompress.methods.gather.gather_transform`: the gathered
+coefficients of a chunk are transformed while in cache, never written out;
+kernels up to 8x8 in float32/float64, or on GPUs also half precision);
 projection is one DCT plus one signed bucket mean. No loop over weights or
 bands: the band of a position depends only on its kernel position, so the
 per-band hash keys, bucket counts and offsets are broadcast from small
 per-kernel-position tables. The index cache (``cache_indices``) and its
 ``cache_bytes`` behave as in HashedNets.
 
-Cache-local hashing (``locality`` = L > 0, as in HashedNets). The filters
+Cache-local hashing (``locality`` = L > 0, or ``"auto"``: both as in
+HashedNets, "auto" judged on the layer's total bucket count). The filters
 are cut into chunks of ceil(L / kernel_numel) whole filters, and each band's
 table is split across the chunks in proportion to their sizes
 (:func:`~hf_freqcompress.hashing.chunk_slices` over filter numbers, per band):
@@ -72,9 +77,10 @@ from typing import Sequence
 import torch
 
 from ..budget import split_proportional
-from ..dct import dct, frequency_sum, idct
+from ..dct import dct, frequency_sum, idct, trailing_idct_matrix
 from ..hashing import hash32, int32_range_map, layer_key, local_bucket, sign_bit
 from .base import LayerSpec
+from .gather import gather_transform
 from .hashednets import HashedNetsConfig, HashedNetsWeight
 from .registry import register_method
 
@@ -186,7 +192,7 @@ class FreshNetsWeight(HashedNetsWeight):
         index_key, sign_key, buckets, offset = self._kernel_tables(device)
         kernel_numel = self.spec.kernel_numel
         filters = self.spec.numel // kernel_numel
-        locality = -(-self.config.locality // kernel_numel)  # whole filters per chunk; 0 stays global
+        locality = -(-self.locality // kernel_numel)  # whole filters per chunk; 0 stays global
 
         def fold(position: torch.Tensor) -> torch.Tensor:  # (filters, kernel_numel) flat positions
             folded = local_bucket(hash32(position, index_key), position[:, :1] // kernel_numel, filters, buckets, locality)
@@ -196,7 +202,13 @@ class FreshNetsWeight(HashedNetsWeight):
         return int32_range_map(self.spec.numel, fold, row=self.spec.kernel_numel, device=device)
 
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        return idct(super().reconstruct(original), self.kernel_dims)
+        if not self.kernel_dims:
+            return super().reconstruct(original)
+        inverse = trailing_idct_matrix(self.spec.shape, self.kernel_dims, original.dtype, original.device)
+        if inverse is None or self._plan() is not None:
+            return idct(super().reconstruct(original), self.kernel_dims)
+        index = self._index(original.device).view(-1, self.spec.kernel_numel)
+        return gather_transform(self._table(original), index, inverse).view(self.spec.shape)
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
         return super().project(dct(weight, self.kernel_dims))

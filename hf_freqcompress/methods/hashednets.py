@@ -54,9 +54,12 @@ global hashing and 2.1-3.4x with any L from 2**12 to 2**18 (no trend beyond
 the noise; ``benchmarks/locality.py``); vgg11_bn's train step goes from 1.73x
 dense to 1.10x at L = 2**16, and MNIST 784-1000-10 error is unchanged (1.82%
 against 1.83% at 1/8, 2.85% both at 1/64, validation split, mean of 5 seeds).
-2**16 is the suggested value: the largest measured as fast, so collisions stay
-spread over as many weights as the cache allows, and its slice still fits L2
-up to budget 1/2. The sorted backward was slower here (4.1x against 2.3x a
+2**16 is the value ``"auto"`` (the default) takes for layers of more than
+2**19 buckets, whose signed table (over 4 MiB) leaves a core's cache: the
+largest L measured as fast, so collisions stay spread over as many weights as
+the cache allows, and its slice still fits L2 up to budget 1/2. Smaller
+layers keep global hashing under ``"auto"``, bit for bit as the paper (and
+every MNIST result in docs/results) hashes them. The sorted backward was slower here (4.1x against 2.3x a
 clone on vgg11_bn, twice the cache memory), so ``"auto"`` keeps the scatter.
 
 Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
@@ -81,6 +84,10 @@ from .registry import register_method
 __all__ = ["HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means"]
 
 BACKWARDS = ("auto", "scatter", "sorted")
+AUTO_LOCALITY = 65536
+"""Chunk length of ``locality="auto"`` on large layers (the fastest measured, docs/results/perf.md)."""
+LOCAL_ABOVE_BUCKETS = 2**19
+"""``locality="auto"`` hashes layers with more buckets than this cache-locally: a signed float32 table beyond 4 MiB."""
 
 
 def signed_bucket_means(weight: torch.Tensor, signed_index: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -111,8 +118,10 @@ class HashedNetsConfig(MethodConfig):
     hashes each chunk of L consecutive weights into its own proportional
     slice of the buckets, so the part of the table it touches stays in cache
     (module docstring; 65536 measured as fast as any and as accurate as 0).
-    Per-weight hashing only: the tiled layout's rows are contiguous reads
-    already.
+    "auto" (default) is 65536 for layers whose signed table outgrows a
+    core's cache (more than ``LOCAL_ABOVE_BUCKETS`` buckets) and 0 for the
+    rest, so small layers hash exactly as the paper does. Per-weight hashing
+    only: the tiled layout's rows are contiguous reads already.
     backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
     deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
     block_size > 1 and indices are cached).
@@ -122,19 +131,29 @@ class HashedNetsConfig(MethodConfig):
     cache_indices: bool = True
     block_size: int = 1
     backward: str = "auto"
-    locality: int = 0
+    locality: int | str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"{self.method} block_size must be an int >= 1 (1 = per-weight hashing), got {self.block_size!r}")
-        if isinstance(self.locality, bool) or not isinstance(self.locality, int) or self.locality < 0:
-            raise ValueError(f"{self.method} locality must be an int >= 0 (0 = global hashing), got {self.locality!r}")
-        if self.locality and self.block_size != 1:
+        if self.locality != "auto" and (
+            isinstance(self.locality, bool) or not isinstance(self.locality, int) or self.locality < 0
+        ):
+            raise ValueError(
+                f'{self.method} locality must be "auto" or an int >= 0 (0 = global hashing), got {self.locality!r}'
+            )
+        if self.locality != "auto" and self.locality and self.block_size != 1:
             raise ValueError(f"{self.method} locality needs block_size=1 (the tiled layout reads contiguous rows already)")
         if self.backward not in BACKWARDS:
             raise ValueError(f"unknown {self.method} backward {self.backward!r}; use one of {list(BACKWARDS)}")
         if self.backward == "sorted" and not self.cache_indices:
             raise ValueError(f'{self.method} backward="sorted" needs cache_indices=True (the plan is built from the cached index)')
+
+    def locality_for(self, buckets: int) -> int:
+        """The chunk length L used by a layer of ``buckets`` buckets ("auto" resolved; 0 = global)."""
+        if self.locality != "auto":
+            return self.locality
+        return AUTO_LOCALITY if self.block_size == 1 and buckets > LOCAL_ABOVE_BUCKETS else 0
 
     @property
     def sorted_backward(self) -> bool:
@@ -155,6 +174,7 @@ class HashedNetsWeight(CompressedWeight):
         self.blocks = -(-spec.numel // self.block_size)  # hashed units of the flat weight
         self._index_key = layer_key(seed, spec.name, "index")
         self._sign_key = layer_key(seed, spec.name, "sign")
+        self.locality = config.locality_for(self.buckets)
         for name in ("signed_index", "sorted_order", "row_starts"):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_caches(device)
@@ -162,7 +182,7 @@ class HashedNetsWeight(CompressedWeight):
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
         """Folded row index in [0, 2 * rows) of every block (every weight when block_size is 1)."""
         return signed_buckets_range(
-            self.blocks, self.rows, self._index_key, self._sign_key, locality=self.config.locality, device=device
+            self.blocks, self.rows, self._index_key, self._sign_key, locality=self.locality, device=device
         )
 
     def rebuild_caches(self, device: torch.device | None) -> None:
