@@ -30,10 +30,10 @@ group of ``m`` gathered values (FreshNets' inverse DCT of each filter), done
 chunk by chunk: each chunk of gathered values is transformed while it is
 still in cache, so the gathered tensor is never written to memory, and the
 backward likewise transforms one chunk of gradient at a time before
-scattering it. On vgg11_bn's 102.8M-weight pre-logits conv (1 thread) that
-cut the forward from 0.66 s to 0.42 s and the backward from 0.56 s to 0.38 s
-against a gather into a full tensor and one big GEMM. Peak extra memory is
-one chunk (``_CHUNK_ELEMENTS`` values).
+scattering it. That saves writing and re-reading a tensor the size of the
+weight in each direction (docs/results/perf.md, "Fused FreshNets rebuild",
+for what it buys on vgg11_bn). Peak extra memory is one chunk
+(``_CHUNK_ELEMENTS`` values).
 """
 
 from __future__ import annotations
