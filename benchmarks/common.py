@@ -35,6 +35,7 @@ from hf_freqcompress.training import distillation_loss
 __all__ = [
     "VALIDATION_IMAGES",
     "accuracy_row",
+    "alternating_medians",
     "alternating_ratio",
     "compress_from_scratch",
     "benchmark_parser",
@@ -252,11 +253,19 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeat))
 
 
-def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
-    """median time of ``other`` / median time of ``reference``, alternating the two so drift and noise hit both."""
+def alternating_medians(
+    reference: Callable[[], object], other: Callable[[], object], repeats: int
+) -> tuple[float, float]:
+    """Median seconds of ``reference`` and of ``other``, alternating the two so drift and noise hit both."""
     reference(), other()  # warm-up: allocator, caches, lazy init
     times = [(timed(reference), timed(other)) for _ in range(repeats)]
-    return statistics.median(t for _, t in times) / statistics.median(t for t, _ in times)
+    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+
+
+def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
+    """median time of ``other`` / median time of ``reference`` (:func:`alternating_medians`)."""
+    reference_seconds, other_seconds = alternating_medians(reference, other, repeats)
+    return other_seconds / reference_seconds
 
 
 @torch.no_grad()
@@ -267,11 +276,21 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
         original.copy_(original.to(dtype))
 
 
+TIMING_ENVIRONMENT = ("MALLOC_", "LD_PRELOAD")
+"""Environment variable prefixes recorded with a benchmark's command: glibc malloc tunables, a preloaded allocator."""
+
+
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:
-    """Write the rows as JSON, with the command that produced them (docs quote it)."""
+    """Write the rows as JSON, with the command that produced them (docs quote it).
+
+    Environment variables that change timings without changing the code
+    (:data:`TIMING_ENVIRONMENT`: the allocator's) are part of the command.
+    """
     if out is None:
         return
-    command = shlex.join(["python", *sys.argv])  # quoted, so JSON-valued arguments paste back as they ran
+    environment = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(TIMING_ENVIRONMENT)]
+    # quoted, so JSON-valued arguments paste back as they ran
+    command = shlex.join([*environment, "python", *sys.argv])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": name, "command": command, "rows": list(rows)}, indent=2) + "\n")
     print(f"wrote {out}")

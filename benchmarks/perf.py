@@ -2,7 +2,9 @@
 
 For each model and method (at 1/16 unless told otherwise):
 
-- ``train_step_ratio``: forward + backward + SGD step, compressed / dense;
+- ``train_step_ratio``: forward + backward + SGD step, compressed / dense
+  (and ``dense_train_step_seconds``, the dense step's median, for scale:
+  the allocator setting in docs/results/perf.md changes it);
 - ``infer_cached_ratio``: inference batches inside one ``parametrize.cached()``
   context (weights rebuilt once, as in an evaluation loop) / dense;
 - ``infer_materialized_ratio``: inference after ``materialize`` / dense;
@@ -49,7 +51,10 @@ from torch.nn.utils import parametrize
 from hf_freqcompress import available_methods, compress, materialize
 from hf_freqcompress.surgery import compressed_weights
 
-from common import alternating_ratio, benchmark_parser, method_config, print_table, timed, train_step, write_results
+from common import (
+    alternating_medians, alternating_ratio, benchmark_parser, method_config, print_table, timed, train_step,
+    write_results,
+)
 
 
 @dataclass(frozen=True)
@@ -163,9 +168,9 @@ def measure_peak_rss(model_name: str, batch: int, image: int, method: str, budge
     print(high_water_bytes())
 
 
-def train_step_ratio(dense: nn.Module, compressed: nn.Module, workload: Workload, repeats: int,
-                     compiled: bool = False) -> float:
-    """SGD train step of ``compressed`` / of ``dense``, each ``torch.compile``d first if ``compiled``."""
+def train_step_seconds(dense: nn.Module, compressed: nn.Module, workload: Workload, repeats: int,
+                       compiled: bool = False) -> tuple[float, float]:
+    """Median SGD train step seconds of ``dense`` and ``compressed``, each ``torch.compile``d first if ``compiled``."""
     x, y = inputs_for(workload)
 
     def stepper(model: nn.Module):
@@ -173,7 +178,7 @@ def train_step_ratio(dense: nn.Module, compressed: nn.Module, workload: Workload
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         return lambda: train_step(runner, optimizer, x, y)
 
-    return alternating_ratio(stepper(dense), stepper(compressed), repeats)  # its warm-up call compiles
+    return alternating_medians(stepper(dense), stepper(compressed), repeats)  # its warm-up call compiles
 
 
 def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool,
@@ -183,13 +188,16 @@ def measure(workload: Workload, method: str, budget: str, repeats: int, with_mem
     compressed = copy.deepcopy(dense)
     report = compress(compressed, budget=budget, method=method_config(method))
     x, _ = inputs_for(workload)
+    dense_step, compressed_step = train_step_seconds(dense, compressed, workload, repeats)
     results = {
-        "train_step_ratio": train_step_ratio(dense, compressed, workload, repeats),
+        "train_step_ratio": compressed_step / dense_step,
+        "dense_train_step_seconds": dense_step,
         **reconstruct_ratios(compressed, repeats),
         "persistent_memory_ratio": persistent_bytes(compressed) / report.stored_bytes,
     }
     if with_compile:
-        results["train_step_compiled_ratio"] = train_step_ratio(dense, compressed, workload, repeats, compiled=True)
+        dense_step, compressed_step = train_step_seconds(dense, compressed, workload, repeats, compiled=True)
+        results["train_step_compiled_ratio"] = compressed_step / dense_step
         results.update(reconstruct_ratios(compressed, repeats, compiled=True))
     dense.eval(), compressed.eval()
     with torch.no_grad():

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from common import train_classifier  # noqa: E402
+from common import train_classifier, write_results  # noqa: E402
 
 
 def _fit(teacher_logits: torch.Tensor | None, alpha: float) -> nn.Module:
@@ -27,3 +28,12 @@ def test_distillation_follows_the_teacher_by_alpha():
     assert (_fit(None, 0.5)(x).argmax(1) == 0).all()
     assert (_fit(teacher, 1.0)(x).argmax(1) == 1).all()
     assert (_fit(teacher, 0.0)(x).argmax(1) == 0).all()
+
+
+def test_results_record_the_allocator_environment_with_the_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "0")
+    monkeypatch.setenv("OMP_UNRELATED_SETTING", "1")
+    monkeypatch.setattr(sys, "argv", ["perf.py", "--threads", "1"])
+    write_results("perf", [{"metric": "train_step_ratio", "value": 1.0}], tmp_path / "perf.json")
+    command = json.loads((tmp_path / "perf.json").read_text())["command"]
+    assert command == "MALLOC_MMAP_MAX_=0 python perf.py --threads 1"

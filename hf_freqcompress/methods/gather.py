@@ -108,9 +108,11 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | Non
     return _SortedGather.apply(table, index, *plan)
 
 
-def _chunks(rows: int, width: int) -> list[tuple[int, int]]:
+def _chunks(rows: int, width: int, like: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """[start, stop) row ranges of about ``_CHUNK_ELEMENTS`` values, and a buffer for one chunk."""
     step = max(1, _CHUNK_ELEMENTS // width)
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)]
+    buffer = torch.empty(min(rows, step), width, dtype=like.dtype, device=like.device)
+    return [(start, min(start + step, rows)) for start in range(0, rows, step)], buffer
 
 
 class _GatherTransform(torch.autograd.Function):
@@ -120,8 +122,8 @@ class _GatherTransform(torch.autograd.Function):
         ctx.table_rows = table.shape[0]
         rows, width = index.shape
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
-        gathered = torch.empty(min(rows, max(1, _CHUNK_ELEMENTS // width)), width, dtype=table.dtype, device=table.device)
-        for start, stop in _chunks(rows, width):
+        chunks, gathered = _chunks(rows, width, table)
+        for start, stop in chunks:
             chunk = gathered[: stop - start]
             torch.index_select(table, 0, index[start:stop].reshape(-1), out=chunk.view(-1))
             torch.mm(chunk, matrix, out=out[start:stop])
@@ -133,8 +135,8 @@ class _GatherTransform(torch.autograd.Function):
         grad = grad.contiguous()
         rows, width = index.shape
         grad_table = torch.zeros(ctx.table_rows, dtype=grad.dtype, device=grad.device)
-        transformed = torch.empty(min(rows, max(1, _CHUNK_ELEMENTS // width)), width, dtype=grad.dtype, device=grad.device)
-        for start, stop in _chunks(rows, width):
+        chunks, transformed = _chunks(rows, width, grad)
+        for start, stop in chunks:
             chunk = transformed[: stop - start]
             torch.mm(grad[start:stop], matrix.mT, out=chunk)
             grad_table.index_add_(0, index[start:stop].reshape(-1), chunk.view(-1))
