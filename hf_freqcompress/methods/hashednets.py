@@ -59,8 +59,9 @@ against 1.83% at 1/8, 2.85% both at 1/64, validation split, mean of 5 seeds).
 largest L measured as fast, so collisions stay spread over as many weights as
 the cache allows, and its slice still fits L2 up to budget 1/2. Smaller
 layers keep global hashing under ``"auto"``, bit for bit as the paper (and
-every MNIST result in docs/results) hashes them. The sorted backward was slower here (4.1x against 2.3x a
-clone on vgg11_bn, twice the cache memory), so ``"auto"`` keeps the scatter.
+every MNIST result in docs/results) hashes them. The sorted backward was
+slower here (4.1x against 2.3x a clone on vgg11_bn, twice the cache memory),
+so ``backward="auto"`` keeps the scatter.
 
 Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
 (:mod:`.gather`) so the gradient is a deterministic segment sum instead of a
