@@ -115,8 +115,9 @@ def test_auto_locality_chunks_only_layers_whose_table_outgrows_the_cache(config_
         return module.parametrizations.weight[0].signed_index
 
     above = LOCAL_ABOVE_BUCKETS + 1
-    assert torch.equal(signed_index(above, config_class()), signed_index(above, config_class(locality=AUTO_LOCALITY)))
-    assert not torch.equal(signed_index(above, config_class()), signed_index(above, config_class(locality=0)))
+    auto_above = signed_index(above, config_class())
+    assert torch.equal(auto_above, signed_index(above, config_class(locality=AUTO_LOCALITY)))
+    assert not torch.equal(auto_above, signed_index(above, config_class(locality=0)))
     below = LOCAL_ABOVE_BUCKETS
     assert torch.equal(signed_index(below, config_class()), signed_index(below, config_class(locality=0)))
     assert HashedNetsConfig(block_size=8).locality_for(2**30) == 0  # the tiled layout reads rows already
