@@ -24,15 +24,16 @@ def _grad(table, index, upstream, plan):
     return table.grad.clone()
 
 
-@pytest.mark.parametrize("chunk_elements", [2**18, 24, 7])  # one chunk; several; chunks of one row
-def test_gather_transform_equals_gather_then_product(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("chunk_elements", [2**18, 24, 7])  # one chunk; several; chunks of as few rows as allowed
+@pytest.mark.parametrize("width", [3, 9, 49])  # multiplied 6, 2 and 1 rows at a time; 23 rows leave a remainder
+def test_gather_transform_equals_gather_then_product(monkeypatch, chunk_elements, width):
     monkeypatch.setattr(gather, "_CHUNK_ELEMENTS", chunk_elements)
     generator = torch.Generator().manual_seed(0)
     table = torch.randn(40, generator=generator, dtype=torch.float64).requires_grad_()
-    index = torch.randint(0, 40, (23, 9), generator=generator, dtype=torch.int32)
-    matrix = torch.randn(9, 9, generator=generator, dtype=torch.float64)
-    upstream = torch.randn(23, 9, generator=generator, dtype=torch.float64)
-    expected = table.index_select(0, index.view(-1)).view(23, 9) @ matrix
+    index = torch.randint(0, 40, (23, width), generator=generator, dtype=torch.int32)
+    matrix = torch.randn(width, width, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(23, width, generator=generator, dtype=torch.float64)
+    expected = table.index_select(0, index.view(-1)).view(23, width) @ matrix
     (expected_grad,) = torch.autograd.grad(expected, table, upstream)
     out = gather_transform(table, index, matrix)
     (grad,) = torch.autograd.grad(out, table, upstream)

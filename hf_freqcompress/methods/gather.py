@@ -34,6 +34,13 @@ scattering it. That saves writing and re-reading a tensor the size of the
 weight in each direction (docs/results/perf.md, "Current defaults", for
 what it buys on vgg11_bn's 102.8M-weight conv). Peak extra memory is one chunk
 (``_CHUNK_ELEMENTS`` values).
+
+Narrow maps are widened: CPU BLAS (MKL) multiplies a tall matrix by a small
+one slowly when the small one is narrower than ~16 columns (3x3 kernels: m =
+9 ran at 19-33x a copy of the same values, 4x slower per value than m = 16),
+so ``k = ceil(16 / m)`` consecutive groups are multiplied at once by the
+block-diagonal ``diag(M, ..., M)`` (k m wide): k times the arithmetic on
+zeros, yet 3-4x faster for 3x3 kernels (``benchmarks/small_gemm.py``).
 """
 
 from __future__ import annotations
@@ -108,9 +115,31 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | Non
     return _SortedGather.apply(table, index, *plan)
 
 
-def _chunks(rows: int, width: int, like: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """[start, stop) row ranges of about ``_CHUNK_ELEMENTS`` values, and a buffer for one chunk."""
-    step = max(1, _CHUNK_ELEMENTS // width)
+_MIN_PRODUCT_WIDTH = 16  # narrower right-hand matrices are widened block-diagonally (module docstring)
+
+
+class _RowMap:
+    """``rows @ matrix`` for (rows, m) blocks, as ``rows.view(-1, k m) @ diag(matrix, ..., matrix)`` on CPU.
+
+    Other devices keep k = 1: the slow narrow product is MKL's, and GPU BLAS was not measured.
+    """
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix = matrix
+        self.groups = -(-_MIN_PRODUCT_WIDTH // matrix.shape[0]) if matrix.device.type == "cpu" else 1
+        self.wide = torch.block_diag(*[matrix] * self.groups) if self.groups > 1 else matrix
+
+    def product(self, rows: torch.Tensor, out: torch.Tensor) -> None:
+        whole = rows.shape[0] - rows.shape[0] % self.groups
+        width = self.wide.shape[0]
+        torch.mm(rows[:whole].view(-1, width), self.wide, out=out[:whole].view(-1, width))
+        if whole < rows.shape[0]:
+            torch.mm(rows[whole:], self.matrix, out=out[whole:])
+
+
+def _chunks(rows: int, width: int, groups: int, like: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """[start, stop) row ranges of about ``_CHUNK_ELEMENTS`` values (whole ``groups``), and a buffer for one chunk."""
+    step = max(1, _CHUNK_ELEMENTS // width // groups) * groups
     buffer = torch.empty(min(rows, step), width, dtype=like.dtype, device=like.device)
     return [(start, min(start + step, rows)) for start in range(0, rows, step)], buffer
 
@@ -121,12 +150,13 @@ class _GatherTransform(torch.autograd.Function):
         ctx.save_for_backward(index, matrix)
         ctx.table_rows = table.shape[0]
         rows, width = index.shape
+        row_map = _RowMap(matrix)
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
-        chunks, gathered = _chunks(rows, width, table)
+        chunks, gathered = _chunks(rows, width, row_map.groups, table)
         for start, stop in chunks:
             chunk = gathered[: stop - start]
             torch.index_select(table, 0, index[start:stop].reshape(-1), out=chunk.view(-1))
-            torch.mm(chunk, matrix, out=out[start:stop])
+            row_map.product(chunk, out[start:stop])
         return out
 
     @staticmethod
@@ -134,11 +164,12 @@ class _GatherTransform(torch.autograd.Function):
         index, matrix = ctx.saved_tensors
         grad = grad.contiguous()
         rows, width = index.shape
+        row_map = _RowMap(matrix.mT)
         grad_table = torch.zeros(ctx.table_rows, dtype=grad.dtype, device=grad.device)
-        chunks, transformed = _chunks(rows, width, grad)
+        chunks, transformed = _chunks(rows, width, row_map.groups, grad)
         for start, stop in chunks:
             chunk = transformed[: stop - start]
-            torch.mm(grad[start:stop], matrix.mT, out=chunk)
+            row_map.product(grad[start:stop], chunk)
             grad_table.index_add_(0, index[start:stop].reshape(-1), chunk.view(-1))
         return grad_table, None, None
 
