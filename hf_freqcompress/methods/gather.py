@@ -36,11 +36,12 @@ what it buys on vgg11_bn's 102.8M-weight conv). Peak extra memory is one chunk
 (``_CHUNK_ELEMENTS`` values).
 
 Narrow maps are widened: CPU BLAS (MKL) multiplies a tall matrix by a small
-one slowly when the small one is narrower than ~16 columns (3x3 kernels: m =
-9 ran at 19-33x a copy of the same values, 4x slower per value than m = 16),
-so ``k = ceil(16 / m)`` consecutive groups are multiplied at once by the
-block-diagonal ``diag(M, ..., M)`` (k m wide): k times the arithmetic on
-zeros, yet 3-4x faster for 3x3 kernels (``benchmarks/small_gemm.py``).
+one slowly when the small one is narrower than 16 columns (3x3 kernels: m =
+9 ran at 21-35x a copy of the same values, m = 16 at 6.5x), so ``k =
+ceil(16 / m)`` consecutive groups are multiplied at once by the
+block-diagonal ``diag(M, ..., M)`` (k m wide): k times the arithmetic, most
+of it on zeros, yet 2.8-3.5x faster for 3x3 kernels
+(``benchmarks/small_gemm.py``, docs/results/perf.md).
 """
 
 from __future__ import annotations
