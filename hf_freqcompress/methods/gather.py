@@ -42,6 +42,11 @@ ceil(16 / m)`` consecutive groups are multiplied at once by the
 block-diagonal ``diag(M, ..., M)`` (k m wide): k times the arithmetic, most
 of it on zeros, yet 2.8-3.5x faster for 3x3 kernels
 (``benchmarks/small_gemm.py``, docs/results/perf.md).
+
+Large gathers (plain or transformed) run on every intra-op CPU thread, one
+contiguous range of units each, with one zeroed gradient table per range in
+the backward, summed in range order (:mod:`.parallel`): PyTorch runs both ops
+on one thread however many cores the convolutions around them use.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ import warnings
 from collections.abc import Callable
 
 import torch
+
+from .parallel import run_ranges, split_rows, sum_in_order
 
 __all__ = ["gather_rows", "gather_transform", "segment_sum_csr", "segment_sum_sorted", "sort_rows"]
 
@@ -105,15 +112,57 @@ class _SortedGather(torch.autograd.Function):
         return segment_sum(grad.contiguous(), (order, starts)), None, None, None
 
 
-def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | None = None) -> torch.Tensor:
+def _scatter_ranges(
+    shape: torch.Size, like: torch.Tensor, ranges: list[tuple[int, int]], scatter: Callable[[torch.Tensor, int, int], None]
+) -> torch.Tensor:
+    """Each range's ``scatter(zeroed table, start, stop)`` on its own table, summed in range order (:mod:`.parallel`)."""
+
+    def one_range(start: int, stop: int) -> torch.Tensor:
+        table = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        scatter(table, start, stop)
+        return table
+
+    return sum_in_order(run_ranges(one_range, ranges))
+
+
+class _SplitGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor, ranges: list[tuple[int, int]]):
+        ctx.save_for_backward(index)
+        ctx.table_shape, ctx.ranges = table.shape, ranges
+        table = table.detach()  # pool threads run in grad mode; out= needs inputs outside autograd
+        out = torch.empty((index.shape[0], *table.shape[1:]), dtype=table.dtype, device=table.device)
+        run_ranges(lambda start, stop: torch.index_select(table, 0, index[start:stop], out=out[start:stop]), ranges)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        grad = grad.detach().contiguous()
+
+        def scatter(table: torch.Tensor, start: int, stop: int) -> None:
+            table.index_add_(0, index[start:stop], grad[start:stop])
+
+        return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
+
+
+def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | None = None, align: int = 1) -> torch.Tensor:
     """``table.index_select(0, index)``, differentiable in ``table``.
 
     With a ``plan`` from :func:`sort_rows` the backward is the sorted segment
-    sum (deterministic); without one it is autograd's scatter.
+    sum (deterministic); without one it is a scatter, split over CPU threads
+    for large gathers (:mod:`.parallel`) at multiples of ``align`` units: pass
+    the chunk length of cache-local hashing, so that no bucket is scattered
+    into from two threads and the gradient equals the single-thread one.
     """
-    if plan is None:
+    if plan is not None:
+        return _SortedGather.apply(table, index, *plan)
+    if torch.compiler.is_compiling():
         return table.index_select(0, index)
-    return _SortedGather.apply(table, index, *plan)
+    ranges = split_rows(index.shape[0], table[0].numel(), align, table.device)
+    if len(ranges) == 1:
+        return table.index_select(0, index)
+    return _SplitGather.apply(table, index, ranges)
 
 
 _MIN_PRODUCT_WIDTH = 16  # narrower right-hand matrices are widened block-diagonally (module docstring)
@@ -138,50 +187,66 @@ class _RowMap:
             torch.mm(rows[whole:], self.matrix, out=out[whole:])
 
 
-def _chunks(rows: int, width: int, groups: int, like: torch.Tensor) -> tuple[list[tuple[int, int]], torch.Tensor]:
-    """[start, stop) row ranges of about ``_CHUNK_ELEMENTS`` values (whole ``groups``), and a buffer for one chunk."""
-    step = max(1, _CHUNK_ELEMENTS // width // groups) * groups
-    buffer = torch.empty(min(rows, step), width, dtype=like.dtype, device=like.device)
-    return [(start, min(start + step, rows)) for start in range(0, rows, step)], buffer
+def _chunk_rows(width: int, groups: int) -> int:
+    """Rows per chunk: about ``_CHUNK_ELEMENTS`` values, in whole ``groups``."""
+    return max(1, _CHUNK_ELEMENTS // width // groups) * groups
+
+
+def _chunks(
+    first: int, last: int, width: int, groups: int, like: torch.Tensor
+) -> tuple[list[tuple[int, int]], torch.Tensor]:
+    """[start, stop) chunks of rows ``first`` .. ``last`` (:func:`_chunk_rows` each), and a buffer for one chunk."""
+    step = _chunk_rows(width, groups)
+    buffer = torch.empty(min(last - first, step), width, dtype=like.dtype, device=like.device)
+    return [(start, min(start + step, last)) for start in range(first, last, step)], buffer
 
 
 class _GatherTransform(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, matrix: torch.Tensor):
         ctx.save_for_backward(index, matrix)
-        ctx.table_rows = table.shape[0]
+        ctx.table_shape = table.shape
         rows, width = index.shape
         row_map = _RowMap(matrix)
+        ctx.ranges = split_rows(rows, width, _chunk_rows(width, row_map.groups), table.device)
+        table = table.detach()  # pool threads run in grad mode; out= needs inputs outside autograd
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
-        chunks, gathered = _chunks(rows, width, row_map.groups, table)
-        for start, stop in chunks:
-            chunk = gathered[: stop - start]
-            torch.index_select(table, 0, index[start:stop].reshape(-1), out=chunk.view(-1))
-            row_map.product(chunk, out[start:stop])
+
+        def transform(first: int, last: int) -> None:
+            chunks, gathered = _chunks(first, last, width, row_map.groups, table)
+            for start, stop in chunks:
+                chunk = gathered[: stop - start]
+                torch.index_select(table, 0, index[start:stop].reshape(-1), out=chunk.view(-1))
+                row_map.product(chunk, out[start:stop])
+
+        run_ranges(transform, ctx.ranges)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         index, matrix = ctx.saved_tensors
-        grad = grad.contiguous()
-        rows, width = index.shape
+        grad = grad.detach().contiguous()
+        width = index.shape[1]
         row_map = _RowMap(matrix.mT)
-        grad_table = torch.zeros(ctx.table_rows, dtype=grad.dtype, device=grad.device)
-        chunks, transformed = _chunks(rows, width, row_map.groups, grad)
-        for start, stop in chunks:
-            chunk = transformed[: stop - start]
-            row_map.product(grad[start:stop], chunk)
-            grad_table.index_add_(0, index[start:stop].reshape(-1), chunk.view(-1))
-        return grad_table, None, None
+
+        def scatter(grad_table: torch.Tensor, first: int, last: int) -> None:
+            chunks, transformed = _chunks(first, last, width, row_map.groups, grad)
+            for start, stop in chunks:
+                chunk = transformed[: stop - start]
+                row_map.product(grad[start:stop], chunk)
+                grad_table.index_add_(0, index[start:stop].reshape(-1), chunk.view(-1))
+
+        return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
 
 
 def gather_transform(table: torch.Tensor, index: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     """``table.index_select(0, index.view(-1)).view(index.shape) @ matrix``, differentiable in ``table``.
 
     ``table`` is 1-D, ``index`` (rows, m) and ``matrix`` (m, m), a constant.
-    Computed in cache-sized chunks (module docstring); the backward scatters
-    like autograd's. Under ``torch.compile`` the plain expression is traced
-    instead, for the compiler to schedule.
+    Computed in cache-sized chunks (module docstring), large tensors on
+    several CPU threads (:mod:`.parallel`), cut between chunks; the backward
+    scatters like autograd's. Under ``torch.compile`` the plain expression is
+    traced instead, for the compiler to schedule.
     """
     if torch.compiler.is_compiling():
         return table.index_select(0, index.reshape(-1)).view(index.shape) @ matrix

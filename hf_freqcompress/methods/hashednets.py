@@ -48,6 +48,13 @@ smaller, so that every slice keeps a bucket. A layer of at most L weights is
 one chunk: global hashing, bit for bit. The least-squares projection is the
 same signed bucket mean over the element index.
 
+Threads. Large layers are gathered and scattered on every CPU thread, one
+range of weights each (:mod:`.parallel`). Cut at chunk boundaries, the ranges
+share no bucket, so the gradient of a cache-local layer is the same bits at
+any thread count; under global hashing the ranges' partial gradients of a
+shared bucket are summed in a fixed order (same bits per thread count, equal
+up to rounding across counts).
+
 Measured (CPU, 1 thread, docs/results/perf.md): rebuilding that vgg11_bn
 layer forward and backward costs 14x a ``clone()`` of its dense weight with
 global hashing and 2.1-3.4x with any L from 2**12 to 2**18 (no trend beyond
@@ -77,7 +84,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hashing import layer_key, signed_buckets_range
+from ..hashing import chunk_length, layer_key, signed_buckets_range
 from .base import CompressedWeight, MethodConfig
 from .gather import SortedRows, gather_rows, sort_rows
 from .registry import register_method
@@ -176,6 +183,8 @@ class HashedNetsWeight(CompressedWeight):
         self._index_key = layer_key(seed, spec.name, "index")
         self._sign_key = layer_key(seed, spec.name, "sign")
         self.locality = config.locality_for(self.buckets)
+        # Threads split a large gather at chunk boundaries, where no bucket is shared (gather.gather_rows).
+        self.chunk_units = chunk_length(self.blocks, self.rows, self.locality) if self.locality else 1
         for name in ("signed_index", "sorted_order", "row_starts"):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_caches(device)
@@ -207,7 +216,7 @@ class HashedNetsWeight(CompressedWeight):
         return torch.cat([table, -table])
 
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        flat = gather_rows(self._table(original), self._index(original.device), self._plan()).reshape(-1)
+        flat = gather_rows(self._table(original), self._index(original.device), self._plan(), self.chunk_units).reshape(-1)
         if flat.numel() != self.spec.numel:  # a partial last block
             flat = flat[: self.spec.numel]
         return flat.view(self.spec.shape)
