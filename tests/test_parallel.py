@@ -98,3 +98,17 @@ def test_split_gather_of_tiled_rows_matches_autograd(threads):
     expected = table.index_select(0, index)
     (expected_grad,) = torch.autograd.grad(expected, table, upstream)
     assert torch.equal(out, expected) and torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("config", [HashedNetsConfig(locality=100), FreshNetsConfig()], ids=["hashednets", "freshnets"])
+def test_split_rebuild_runs_under_inference_mode(threads, config, monkeypatch):
+    monkeypatch.setattr(gather, "_CHUNK_ELEMENTS", 50)  # FreshNets cuts between chunks: make several
+    runs = threads(2)
+    layer = nn.Conv2d(6, 8, 3) if isinstance(config, FreshNetsConfig) else nn.Linear(60, 40)
+    compress(nn.Sequential(layer), budget=1 / 8, exclude=[], method=config)
+    runs.clear()
+    with torch.inference_mode():  # pool threads must not write the caller's inference tensors outside it
+        inferred = layer.weight
+    with torch.no_grad():
+        expected = layer.weight
+    assert runs == [2, 2] and torch.equal(inferred, expected)

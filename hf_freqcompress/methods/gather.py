@@ -130,7 +130,6 @@ class _SplitGather(torch.autograd.Function):
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, ranges: list[tuple[int, int]]):
         ctx.save_for_backward(index)
         ctx.table_shape, ctx.ranges = table.shape, ranges
-        table = table.detach()  # pool threads run in grad mode; out= needs inputs outside autograd
         out = torch.empty((index.shape[0], *table.shape[1:]), dtype=table.dtype, device=table.device)
         run_ranges(lambda start, stop: torch.index_select(table, 0, index[start:stop], out=out[start:stop]), ranges)
         return out
@@ -138,7 +137,7 @@ class _SplitGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        grad = grad.detach().contiguous()
+        grad = grad.contiguous()
 
         def scatter(table: torch.Tensor, start: int, stop: int) -> None:
             table.index_add_(0, index[start:stop], grad[start:stop])
@@ -209,7 +208,6 @@ class _GatherTransform(torch.autograd.Function):
         rows, width = index.shape
         row_map = _RowMap(matrix)
         ctx.ranges = split_rows(rows, width, _chunk_rows(width, row_map.groups), table.device)
-        table = table.detach()  # pool threads run in grad mode; out= needs inputs outside autograd
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
 
         def transform(first: int, last: int) -> None:
@@ -225,7 +223,7 @@ class _GatherTransform(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         index, matrix = ctx.saved_tensors
-        grad = grad.detach().contiguous()
+        grad = grad.contiguous()
         width = index.shape[1]
         row_map = _RowMap(matrix.mT)
 

@@ -53,10 +53,17 @@ def split_rows(rows: int, values_per_row: int, align: int, device: torch.device)
 
 
 def run_ranges(work: Callable[[int, int], Result], ranges: list[tuple[int, int]]) -> list[Result]:
-    """``[work(start, stop) for each range]``, the ranges on pool threads when there are several."""
+    """``[work(start, stop) for each range]``, the ranges on pool threads (in the caller's autograd mode) when there are several."""
     if len(ranges) == 1:
         return [work(*ranges[0])]
-    return list(_pool(len(ranges)).map(lambda bounds: work(*bounds), ranges))
+    # Grad and inference mode are thread-local: pool threads take the caller's.
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    def in_callers_mode(bounds: tuple[int, int]) -> Result:
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return work(*bounds)
+
+    return list(_pool(len(ranges)).map(in_callers_mode, ranges))
 
 
 def sum_in_order(tables: list[torch.Tensor]) -> torch.Tensor:
