@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -112,3 +115,21 @@ def test_split_rebuild_runs_under_inference_mode(threads, config, monkeypatch):
     with torch.no_grad():
         expected = layer.weight
     assert runs == [2, 2] and torch.equal(inferred, expected)
+
+
+def _split_sum_in_child(queue) -> None:
+    queue.put(sum(parallel.run_ranges(lambda start, stop: stop - start, [(0, 3), (3, 10)])))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_gets_a_working_pool():
+    for _ in range(5):  # the parent's pool: threads that are idle, as far as the executor knows
+        assert parallel.run_ranges(lambda start, stop: stop - start, [(0, 3), (3, 10)]) == [3, 7]
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_split_sum_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+    assert child.exitcode == 0 and queue.get(timeout=5) == 10  # an inherited pool without threads would hang
