@@ -53,7 +53,7 @@ def split_rows(rows: int, values_per_row: int, align: int, device: torch.device)
 
 
 def run_ranges(work: Callable[[int, int], Result], ranges: list[tuple[int, int]]) -> list[Result]:
-    """``[work(start, stop) for each range]``, the ranges on pool threads (in the caller's autograd mode) when there are several."""
+    """``[work(start, stop) for each range]``; several ranges run on pool threads, in the caller's autograd mode."""
     if len(ranges) == 1:
         return [work(*ranges[0])]
     # Grad and inference mode are thread-local: pool threads take the caller's.
