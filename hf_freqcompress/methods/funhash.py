@@ -46,7 +46,8 @@ T_ud = M[u, d] * cat(w, -w) (2K values) is gathered with the folded index
 h_u + K [xi_u < 0] and accumulated, so pre_d[i] = sum_u M[u, d] xi_u w[h_u(i)]
 (M = a for linear/sum, W1^T for mlp) costs U*D one-dimensional gathers whose
 backward is an index_add and saves only the index (1-D gathers: a 2-D
-row gather or embedding_bag was 8-20x slower to differentiate on CPU).
+row gather or embedding_bag was 8-20x slower to differentiate on CPU); large
+layers split each over the CPU threads (:func:`.gather.gather_rows`).
 Peak memory of a forward, in values of the weight dtype, for N virtual
 weights and D = 1 (linear, sum) or D = H = U/2 (mlp): at most N (2D + 2)
 (the D columns, one gather, the D tanh outputs and the result), of which
@@ -81,6 +82,7 @@ from torch import nn
 from ..dct import dct, idct
 from ..hashing import layer_key, signed_buckets_range
 from .base import CompressedWeight, LayerSpec, MethodConfig
+from .gather import gather_rows
 from .registry import register_method
 
 __all__ = ["FunHashConfig", "FunHashWeight"]
@@ -454,7 +456,7 @@ class FunHashWeight(CompressedWeight):
         for d in range(first.shape[1]):
             column = None
             for u in range(self.hashes):
-                gathered = (first[u, d] * signed).index_select(0, self._index(u, values.device))
+                gathered = gather_rows(first[u, d] * signed, self._index(u, values.device))
                 column = gathered if column is None else column + gathered
             columns.append(column)
         return columns
