@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hf_freqcompress import compress
-from hf_freqcompress.methods import FreshNetsConfig, HashedNetsConfig, gather, parallel
+from hf_freqcompress.methods import FreshNetsConfig, FunHashConfig, HashedNetsConfig, gather, parallel
 from hf_freqcompress.methods.parallel import split_rows
 
 CPU = torch.device("cpu")
@@ -91,8 +91,16 @@ def test_freshnets_split_is_exact_forward_and_deterministic_backward(threads, mo
     assert torch.allclose(grad, serial_grad, rtol=1e-5, atol=1e-6)
 
 
+def test_funhash_gathers_split_like_hashednets(threads):
+    funhash = FunHashConfig(num_hashes=1, reconstruction="sum")  # HashedNets, bit for bit
+    weight, grad, runs = _rebuild(funhash, (40, 60), threads, 3)
+    assert runs == [3, 3]
+    hashed_weight, hashed_grad, _ = _rebuild(HashedNetsConfig(), (40, 60), threads, 3)
+    assert torch.equal(weight, hashed_weight) and torch.equal(grad, hashed_grad)
+
+
 def test_split_gather_of_tiled_rows_matches_autograd(threads):
-    threads(2)
+    runs = threads(2)
     table = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 30, (500,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     upstream = torch.randn(500, 4, dtype=torch.float64)
@@ -100,6 +108,7 @@ def test_split_gather_of_tiled_rows_matches_autograd(threads):
     (grad,) = torch.autograd.grad(out, table, upstream)
     expected = table.index_select(0, index)
     (expected_grad,) = torch.autograd.grad(expected, table, upstream)
+    assert runs == [2, 2]  # forward and backward, two ranges each
     assert torch.equal(out, expected) and torch.allclose(grad, expected_grad, rtol=0, atol=1e-12)
 
 
