@@ -201,6 +201,10 @@ class FreshNetsWeight(HashedNetsWeight):
 
         return int32_range_map(self.spec.numel, fold, row=self.spec.kernel_numel, device=device)
 
+    def _split_align(self) -> int:
+        """Bands chunk their filters at different lengths, so no cut avoids sharing a bucket: any cut will do."""
+        return super()._split_align() if not self.kernel_dims else 1
+
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
         if not self.kernel_dims:
             return super().reconstruct(original)

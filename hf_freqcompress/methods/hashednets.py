@@ -183,8 +183,6 @@ class HashedNetsWeight(CompressedWeight):
         self._index_key = layer_key(seed, spec.name, "index")
         self._sign_key = layer_key(seed, spec.name, "sign")
         self.locality = config.locality_for(self.buckets)
-        # Threads split a large gather at chunk boundaries, where no bucket is shared (gather.gather_rows).
-        self.chunk_units = chunk_length(self.blocks, self.rows, self.locality) if self.locality else 1
         for name in ("signed_index", "sorted_order", "row_starts"):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_caches(device)
@@ -215,8 +213,13 @@ class HashedNetsWeight(CompressedWeight):
         table = wrapped.view(self.rows, self.block_size).squeeze(1)
         return torch.cat([table, -table])
 
+    def _split_align(self) -> int:
+        """Units between places where threads may cut the gather without sharing a bucket: the locality chunk."""
+        return chunk_length(self.blocks, self.rows, self.locality) if self.locality else 1
+
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        flat = gather_rows(self._table(original), self._index(original.device), self._plan(), self.chunk_units).reshape(-1)
+        index = self._index(original.device)
+        flat = gather_rows(self._table(original), index, self._plan(), self._split_align()).reshape(-1)
         if flat.numel() != self.spec.numel:  # a partial last block
             flat = flat[: self.spec.numel]
         return flat.view(self.spec.shape)
