@@ -51,6 +51,7 @@ on one thread however many cores the convolutions around them use.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
@@ -158,7 +159,7 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | Non
         return _SortedGather.apply(table, index, *plan)
     if torch.compiler.is_compiling():
         return table.index_select(0, index)
-    ranges = split_rows(index.shape[0], table[0].numel(), align, table.device)
+    ranges = split_rows(index.shape[0], math.prod(table.shape[1:]), align, table.device)
     if len(ranges) == 1:
         return table.index_select(0, index)
     return _SplitGather.apply(table, index, ranges)
