@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import available_methods, compress, materialize
+from hf_freqcompress.methods import parallel
 from hf_freqcompress.surgery import compressed_weights
 
 from common import (
@@ -136,7 +137,7 @@ def peak_rss_ratio(workload: Workload, method: str, budget: str) -> float:
 
     def peak(compressed_method: str | None) -> int:
         command = [sys.executable, __file__, "--peak-rss", workload.model, str(workload.batch), str(workload.image),
-                   compressed_method or "dense", budget]
+                   compressed_method or "dense", budget, str(parallel.MIN_VALUES_PER_THREAD)]
         return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()[-1])
 
     return peak(method) / peak(None)
@@ -222,7 +223,8 @@ def compress_seconds(model_name: str, method: str, budget: str) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--peak-rss":
-        model_name, batch, image, method, budget = sys.argv[2:7]
+        model_name, batch, image, method, budget, split_from = sys.argv[2:8]
+        parallel.MIN_VALUES_PER_THREAD = int(split_from)
         measure_peak_rss(model_name, int(batch), int(image), method, budget)
         return
     parser = benchmark_parser(__doc__)
@@ -232,7 +234,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", help="only these workloads (e.g. resnet18); skips compress timing")
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile'd train steps and reconstruction (minutes of compilation each)")
+    parser.add_argument("--split-from", type=int, default=parallel.MIN_VALUES_PER_THREAD,
+                        help="values per thread from which a rebuild is split over CPU threads "
+                             "(methods/parallel.py; a huge value keeps every rebuild on one thread)")
     args = parser.parse_args()
+    parallel.MIN_VALUES_PER_THREAD = args.split_from
     torch.set_num_threads(args.threads)
     workloads = QUICK_WORKLOADS if args.quick else WORKLOADS
     workloads = [w for w in workloads if w.model in args.models] if args.models else workloads
