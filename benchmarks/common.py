@@ -37,6 +37,7 @@ __all__ = [
     "accuracy_row",
     "alternating_medians",
     "alternating_ratio",
+    "interleaved_medians",
     "compress_from_scratch",
     "benchmark_parser",
     "median_seconds",
@@ -253,13 +254,20 @@ def median_seconds(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(timed(fn) for _ in range(repeat))
 
 
+def interleaved_medians(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each of ``fns``, calling them in turn ``repeats`` times so drift and noise hit all alike."""
+    for fn in fns:  # warm-up: allocator, caches, lazy init
+        fn()
+    times = [[timed(fn) for fn in fns] for _ in range(repeats)]
+    return [statistics.median(column) for column in zip(*times)]
+
+
 def alternating_medians(
     reference: Callable[[], object], other: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
-    """Median seconds of ``reference`` and of ``other``, alternating the two so drift and noise hit both."""
-    reference(), other()  # warm-up: allocator, caches, lazy init
-    times = [(timed(reference), timed(other)) for _ in range(repeats)]
-    return statistics.median(t for t, _ in times), statistics.median(t for _, t in times)
+    """Median seconds of ``reference`` and of ``other``, alternating the two (:func:`interleaved_medians`)."""
+    reference_seconds, other_seconds = interleaved_medians((reference, other), repeats)
+    return reference_seconds, other_seconds
 
 
 def alternating_ratio(reference: Callable[[], object], other: Callable[[], object], repeats: int) -> float:
@@ -276,8 +284,9 @@ def round_to_storage(model: nn.Module, dtype: torch.dtype) -> None:
         original.copy_(original.to(dtype))
 
 
-TIMING_ENVIRONMENT = ("MALLOC_", "LD_PRELOAD")
-"""Environment variable prefixes recorded with a benchmark's command: glibc malloc tunables, a preloaded allocator."""
+TIMING_ENVIRONMENT = ("MALLOC_", "LD_PRELOAD", "THP_MEM_ALLOC_ENABLE")
+"""Environment variable prefixes recorded with a benchmark's command: glibc malloc tunables, a preloaded
+allocator, PyTorch's transparent-huge-page switch for CPU tensors."""
 
 
 def write_results(name: str, rows: Sequence[dict[str, Any]], out: Path | None) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,17 +170,19 @@ def measure_peak_rss(model_name: str, batch: int, image: int, method: str, budge
     print(high_water_bytes())
 
 
+def stepper(model: nn.Module, workload: Workload, compiled: bool = False) -> Callable[[], None]:
+    """One SGD train step of ``model`` on ``workload``'s batch per call (``torch.compile``d first if ``compiled``)."""
+    x, y = inputs_for(workload)
+    runner = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    return lambda: train_step(runner, optimizer, x, y)
+
+
 def train_step_seconds(dense: nn.Module, compressed: nn.Module, workload: Workload, repeats: int,
                        compiled: bool = False) -> tuple[float, float]:
     """Median SGD train step seconds of ``dense`` and ``compressed``, each ``torch.compile``d first if ``compiled``."""
-    x, y = inputs_for(workload)
-
-    def stepper(model: nn.Module):
-        runner = torch.compile(model) if compiled else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        return lambda: train_step(runner, optimizer, x, y)
-
-    return alternating_medians(stepper(dense), stepper(compressed), repeats)  # its warm-up call compiles
+    steps = stepper(dense, workload, compiled), stepper(compressed, workload, compiled)
+    return alternating_medians(*steps, repeats)  # its warm-up call compiles
 
 
 def measure(workload: Workload, method: str, budget: str, repeats: int, with_memory: bool,

@@ -9,7 +9,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from common import train_classifier, write_results  # noqa: E402
+import common  # noqa: E402
+from common import interleaved_medians, train_classifier, write_results  # noqa: E402
 
 
 def _fit(teacher_logits: torch.Tensor | None, alpha: float) -> nn.Module:
@@ -37,3 +38,15 @@ def test_results_record_the_allocator_environment_with_the_command(tmp_path, mon
     write_results("perf", [{"metric": "train_step_ratio", "value": 1.0}], tmp_path / "perf.json")
     command = json.loads((tmp_path / "perf.json").read_text())["command"]
     assert command == "MALLOC_MMAP_MAX_=0 python perf.py --threads 1"
+
+
+def test_interleaved_medians_calls_in_turn_and_takes_each_ones_median(monkeypatch):
+    calls: list[str] = []
+    seconds = {"a": iter([0.0, 5.0, 1.0, 3.0]), "b": iter([0.0, 2.0, 9.0, 4.0])}  # the first is the warm-up
+
+    def step(name: str):
+        return lambda: calls.append(name) or next(seconds[name])
+
+    monkeypatch.setattr(common, "timed", lambda fn: fn())  # each call "takes" what it returns
+    assert interleaved_medians([step("a"), step("b")], repeats=3) == [3.0, 4.0]
+    assert calls == ["a", "b"] * 4
