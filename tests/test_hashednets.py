@@ -44,16 +44,21 @@ def naive_local(values: torch.Tensor, shape, locality: int, name: str, seed: int
     return flat.view(shape)
 
 
-def naive_tiled(values: torch.Tensor, shape, block: int, name: str, seed: int) -> torch.Tensor:
-    """ROAST's layout one weight at a time: W[jB + t] = sign(j) * v[(h(j) B + t) mod K], R = ceil(K / B) rows."""
+def naive_tiled(values: torch.Tensor, shape, block: int, name: str, seed: int, patterns: int = 1) -> torch.Tensor:
+    """ROAST's layout one weight at a time: W[jB + t] = sign(j) * v[(h(j) B + t) mod K], R = ceil(K / B) rows;
+    with P > 1 sign patterns also times r_p(j)[t], block j's pattern p(j) and its hashed sign at position t."""
     buckets = values.numel()
     rows = -(-buckets // block)
     index_key, sign_key = layer_key(seed, name, "index"), layer_key(seed, name, "sign")
+    pattern_key, pattern_sign_key = layer_key(seed, name, "pattern"), layer_key(seed, name, "pattern_sign")
     flat = torch.empty(int(torch.tensor(shape).prod()))
     for i in range(flat.numel()):
         position = torch.tensor([i // block])
         row = int(bucket_of(hash32(position, index_key), rows))
         sign = -1.0 if int(sign_bit(hash32(position, sign_key))) else 1.0
+        if patterns > 1:
+            pattern = int(bucket_of(hash32(position, pattern_key), patterns))
+            sign *= -1.0 if int(sign_bit(hash32(torch.tensor([pattern * block + i % block]), pattern_sign_key))) else 1.0
         flat[i] = sign * values[(row * block + i % block) % buckets]
     return flat.view(shape)
 
@@ -80,6 +85,20 @@ def test_tiled_matches_naive_reference_and_keeps_the_budget(shape, block):
     assert parametrization[0].signed_index.numel() == -(-layer.weight.numel() // block)
     expected = naive_tiled(parametrization.original.detach(), shape, block, "0.weight", 0)
     assert torch.equal(layer.weight.detach(), expected)
+
+
+@pytest.mark.parametrize("shape, block, patterns", [((12, 20), 8, 3), ((13, 7), 8, 4), ((12, 20), 64, 2)])
+def test_sign_patterns_match_naive_reference(shape, block, patterns):
+    layer = nn.Linear(shape[1], shape[0])
+    config = HashedNetsConfig(block_size=block, sign_patterns=patterns)
+    report = compress(nn.Sequential(layer), budget=37, exclude=[], method=config)
+    parametrization = layer.parametrizations.weight
+    assert parametrization.original.numel() == report.stored_values == 37  # patterns are hashed, not stored
+    expected = naive_tiled(parametrization.original.detach(), shape, block, "0.weight", 0, patterns)
+    assert torch.equal(layer.weight.detach(), expected)
+    blocks = expected.reshape(-1)[: expected.numel() // block * block].view(-1, block)
+    signs_per_block = (blocks > 0).sum(1)
+    assert ((signs_per_block > 0) & (signs_per_block < block)).any()  # some block mixes signs: one sign per block cannot
 
 
 # (12, 20) = 240 weights, 37 buckets: L = 64 gives chunks of 64 with a partial last one of 48;
@@ -186,7 +205,7 @@ def test_block_size_one_is_per_weight_hashing():
 
 
 @pytest.mark.parametrize("config", [HashedNetsConfig(block_size=block) for block in (1, 4, 7)] + [
-    HashedNetsConfig(locality=64), HashedNetsConfig(locality=5)])
+    HashedNetsConfig(locality=64), HashedNetsConfig(locality=5), HashedNetsConfig(block_size=4, sign_patterns=3)])
 def test_right_inverse_is_least_squares_projection(config):
     layer = nn.Linear(30, 20)
     dense = layer.weight.detach().clone()
@@ -211,13 +230,14 @@ def test_right_inverse_recovers_a_hashed_weight_exactly():
     assert torch.allclose(other.weight, hashed, atol=1e-6)
 
 
-@pytest.mark.parametrize("block", [1, 16])
-def test_sorted_and_scatter_backward_give_the_same_gradients(block):
+@pytest.mark.parametrize("block, patterns", [(1, 1), (16, 1), (16, 4)])
+def test_sorted_and_scatter_backward_give_the_same_gradients(block, patterns):
     grads = {}
     for backward in ("scatter", "sorted"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).double()
-        compress(model, budget=300, exclude=[], method=HashedNetsConfig(block_size=block, backward=backward))
+        config = HashedNetsConfig(block_size=block, backward=backward, sign_patterns=patterns)
+        compress(model, budget=300, exclude=[], method=config)
         model(torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
         grads[backward] = [p.grad for p in model.parameters()]
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(grads["scatter"], grads["sorted"]))
@@ -245,19 +265,25 @@ def test_sorted_plan_is_cached_and_reported():
     ({"locality": True}, 'locality must be "auto" or an int >= 0'),
     ({"locality": 64, "block_size": 8}, "locality needs block_size=1"),
     ({"backward": "sorted", "cache_indices": False}, "needs cache_indices=True"),
+    ({"block_size": 8, "sign_patterns": 0}, "sign_patterns must be an int >= 1"),
+    ({"block_size": 8, "sign_patterns": 2.0}, "sign_patterns must be an int >= 1"),
+    ({"block_size": 8, "sign_patterns": True}, "sign_patterns must be an int >= 1"),
+    ({"sign_patterns": 4}, "sign_patterns=4 needs block_size > 1"),
 ])
 def test_bad_options_are_clear_errors(options, match):
     with pytest.raises(ValueError, match=match):
         HashedNetsConfig(**options)
 
 
-def test_tiled_layout_round_trips_through_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("patterns", [1, 4])
+def test_tiled_layout_round_trips_through_a_checkpoint(tmp_path, patterns):
     model = build_model("timm:mnist_mlp").eval()
-    compress(model, budget="1/64", exclude=[], method=HashedNetsConfig(block_size=16))
+    compress(model, budget="1/64", exclude=[], method=HashedNetsConfig(block_size=16, sign_patterns=patterns))
     x = torch.randn(4, 784)
     loaded = from_pretrained(save_pretrained(model, tmp_path / "ckpt")).eval()
     layers = [m for m in loaded.modules() if parametrize.is_parametrized(m)]
     assert layers and all(m.parametrizations.weight[0].block_size == 16 for m in layers)
+    assert all(m.parametrizations.weight[0].sign_patterns == patterns for m in layers)
     assert torch.equal(loaded(x), model(x))
 
 

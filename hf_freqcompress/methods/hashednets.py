@@ -25,6 +25,27 @@ the index cache shrinks B-fold. B = 1 is per-weight HashedNets, bit for bit.
 Each weight still reads exactly one value with one sign, so the least-squares
 projection is the same signed bucket mean over the expanded element index.
 
+Sign patterns (``sign_patterns`` = P > 1, tiled layout only). With one sign
+per block, two blocks that read the same row are exact copies of each other
+up to sign, and a block's weights cannot differ in sign from the row they
+share. ROAST gives every weight its own hashed sign; that would cost a sign
+per weight in the cache and a multiply on every rebuild. Here each block
+also draws one of P fixed random sign patterns r_p (B signs each, hashed from
+the seed):
+
+    W[j B + t] = s(j) * r_{p(j)}[t] * v[(h(j) B + t) mod K],
+
+so blocks sharing a row differ unless they drew the same pattern (chance
+1/P), and signs vary inside a block. The table becomes the P patterned
+copies of the rows, ``cat([r_p * T, -r_p * T])`` for every p, and the index
+folds the pattern in: reconstruction stays one gather of contiguous rows,
+from a table P times larger (2 P K values, built on every forward, so keep
+P K well under the layer's size). MNIST 784-1000-10 at 1/64, blocks of 64,
+3 seeds (docs/results/perf.md, "Tiled layout"): per-weight hashing 3.20%
+test error, one sign per block 4.65%, 4 patterns 3.45%, 16 patterns 3.31%.
+P = 1 (default) is the layout above, bit for bit, so existing checkpoints
+load unchanged.
+
 Cache-local hashing (``locality`` = L > 0). Per-weight hashing reads a
 random entry of a table of 2K values for every weight, and the backward
 scatters into a random entry again: once the table outgrows the CPU caches
@@ -84,7 +105,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hashing import chunk_length, layer_key, signed_buckets_range
+from ..hashing import bucket_of, chunk_length, hash32, layer_key, sign_bit, signed_buckets_range
 from .base import CompressedWeight, MethodConfig
 from .gather import SortedRows, gather_rows, sort_rows
 from .registry import register_method
@@ -133,6 +154,10 @@ class HashedNetsConfig(MethodConfig):
     backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
     deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
     block_size > 1 and indices are cached).
+    sign_patterns: P random sign patterns a block chooses from (module
+    docstring), so weights inside a block and blocks sharing a row differ in
+    sign; tiled layout only. 1 (default) is one sign per block; 4 measured
+    near per-weight hashing's accuracy.
     """
 
     method = "hashednets"
@@ -140,10 +165,18 @@ class HashedNetsConfig(MethodConfig):
     block_size: int = 1
     backward: str = "auto"
     locality: int | str = "auto"
+    sign_patterns: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"{self.method} block_size must be an int >= 1 (1 = per-weight hashing), got {self.block_size!r}")
+        if isinstance(self.sign_patterns, bool) or not isinstance(self.sign_patterns, int) or self.sign_patterns < 1:
+            raise ValueError(f"{self.method} sign_patterns must be an int >= 1 (1 = one sign per block), got {self.sign_patterns!r}")
+        if self.sign_patterns > 1 and self.block_size == 1:
+            raise ValueError(
+                f"{self.method} sign_patterns={self.sign_patterns} needs block_size > 1 (the tiled layout); "
+                "per-weight hashing already gives every weight its own sign"
+            )
         if self.locality != "auto" and (
             isinstance(self.locality, bool) or not isinstance(self.locality, int) or self.locality < 0
         ):
@@ -180,25 +213,49 @@ class HashedNetsWeight(CompressedWeight):
         self.block_size = config.block_size
         self.rows = -(-self.buckets // self.block_size)  # table rows of block_size values
         self.blocks = -(-spec.numel // self.block_size)  # hashed units of the flat weight
+        self.sign_patterns = config.sign_patterns
+        self.table_rows = 2 * self.sign_patterns * self.rows  # signed rows of every pattern
+        if self.table_rows >= 2**31:
+            raise ValueError(
+                f"{spec.name}: {self.table_rows} table rows do not fit an int32 index; use fewer sign_patterns or buckets"
+            )
         self._index_key = layer_key(seed, spec.name, "index")
         self._sign_key = layer_key(seed, spec.name, "sign")
+        self._pattern_key = layer_key(seed, spec.name, "pattern")
         self.locality = config.locality_for(self.buckets)
-        for name in ("signed_index", "sorted_order", "row_starts"):
+        for name in ("signed_index", "sorted_order", "row_starts", "pattern_signs"):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_caches(device)
 
+    def _compute_pattern_signs(self, device: torch.device | None) -> torch.Tensor | None:
+        """(P, block_size) float signs, pattern p's sign of each position in a block; None without patterns."""
+        if self.sign_patterns == 1:
+            return None
+        positions = torch.arange(self.sign_patterns * self.block_size, device=device)
+        negative = sign_bit(hash32(positions, layer_key(self.seed, self.spec.name, "pattern_sign")))
+        return (1 - 2 * negative).float().view(self.sign_patterns, self.block_size)
+
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
-        """Folded row index in [0, 2 * rows) of every block (every weight when block_size is 1)."""
-        return signed_buckets_range(
+        """Folded row index in [0, table_rows) of every block (every weight when block_size is 1).
+
+        ``signed row + 2 * rows * pattern``: the signed row as without patterns,
+        offset into the block's pattern's copy of the signed table.
+        """
+        folded = signed_buckets_range(
             self.blocks, self.rows, self._index_key, self._sign_key, locality=self.locality, device=device
         )
+        if self.sign_patterns > 1:
+            blocks = torch.arange(self.blocks, device=device)
+            folded += (2 * self.rows * bucket_of(hash32(blocks, self._pattern_key), self.sign_patterns)).int()
+        return folded
 
     def rebuild_caches(self, device: torch.device | None) -> None:
+        self.pattern_signs = self._compute_pattern_signs(device)  # tiny, needed with or without the index cache
         if not self.config.cache_indices:
             return
         self.signed_index = self._compute_index(device)
         if self.config.sorted_backward:
-            self.sorted_order, self.row_starts = sort_rows(self.signed_index, 2 * self.rows)
+            self.sorted_order, self.row_starts = sort_rows(self.signed_index, self.table_rows)
 
     def _index(self, device: torch.device) -> torch.Tensor:
         return self.signed_index if self.signed_index is not None else self._compute_index(device)
@@ -207,11 +264,18 @@ class HashedNetsWeight(CompressedWeight):
         return None if self.sorted_order is None else (self.sorted_order, self.row_starts)
 
     def _table(self, original: torch.Tensor) -> torch.Tensor:
-        """``cat([T, -T])`` with T the values as (rows, block_size), wrapped around; 1-D when block_size is 1."""
+        """``cat([T, -T])`` with T the values as (rows, block_size), wrapped around; 1-D when block_size is 1.
+
+        With sign patterns, that signed table for each pattern p of T's rows times r_p, one after another.
+        """
         length = self.rows * self.block_size
         wrapped = original if length == original.numel() else original.repeat(-(-length // original.numel()))[:length]
         table = wrapped.view(self.rows, self.block_size).squeeze(1)
-        return torch.cat([table, -table])
+        if self.sign_patterns == 1:
+            return torch.cat([table, -table])
+        signs = self.pattern_signs.to(table.dtype)
+        signed_patterns = torch.stack([signs, -signs], dim=1).unsqueeze(2)  # (P, 2, 1, block_size)
+        return (table * signed_patterns).view(self.table_rows, self.block_size)  # one broadcast product, no cat
 
     def _split_align(self) -> int:
         """Units between places where threads may cut the gather without sharing a bucket: the locality chunk."""
@@ -229,10 +293,13 @@ class HashedNetsWeight(CompressedWeight):
         if self.block_size == 1:  # already per weight; skips N int64 divisions when compressing
             return self._index(device)
         folded = self._index(device).long().unsqueeze(1)
-        negative = folded >= self.rows
-        row = folded - self.rows * negative
+        pattern, signed_row = folded.div(2 * self.rows, rounding_mode="floor"), folded % (2 * self.rows)
+        negative = signed_row >= self.rows
+        row = signed_row - self.rows * negative
         offset = torch.arange(self.block_size, device=device)
         value = (row * self.block_size + offset) % self.buckets
+        if self.pattern_signs is not None:
+            negative = negative ^ (self.pattern_signs.to(device)[pattern.squeeze(1)] < 0)
         return (value + self.buckets * negative).view(-1)[: self.spec.numel]
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
