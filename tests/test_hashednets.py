@@ -96,9 +96,17 @@ def test_sign_patterns_match_naive_reference(shape, block, patterns):
     assert parametrization.original.numel() == report.stored_values == 37  # patterns are hashed, not stored
     expected = naive_tiled(parametrization.original.detach(), shape, block, "0.weight", 0, patterns)
     assert torch.equal(layer.weight.detach(), expected)
-    blocks = expected.reshape(-1)[: expected.numel() // block * block].view(-1, block)
-    signs_per_block = (blocks > 0).sum(1)
-    assert ((signs_per_block > 0) & (signs_per_block < block)).any()  # some block mixes signs: one sign per block cannot
+    variants = {}
+    for name, options in {"one_sign": {}, "uncached": {"sign_patterns": patterns, "cache_indices": False}}.items():
+        variants[name] = nn.Linear(shape[1], shape[0])
+        compress(nn.Sequential(variants[name]), budget=37, exclude=[], method=HashedNetsConfig(block_size=block, **options))
+        with torch.no_grad():
+            variants[name].parametrizations.weight.original.copy_(parametrization.original)
+    assert torch.equal(variants["uncached"].weight, layer.weight)  # rehashing every forward gives the cached layout
+    flips = (layer.weight / variants["one_sign"].weight).reshape(-1)  # r_p(j)[t] times +-1: same rows, same v
+    flips = flips[: flips.numel() // block * block].view(-1, block)
+    assert set(flips.unique().tolist()) == {-1.0, 1.0}
+    assert (flips != flips[:, :1]).any()  # some block's signs vary inside it, which one sign per block cannot do
 
 
 # (12, 20) = 240 weights, 37 buckets: L = 64 gives chunks of 64 with a partial last one of 48;
@@ -323,7 +331,8 @@ def test_dtypes_are_preserved(dtype):
     assert model(torch.randn(2, 64, dtype=dtype)).dtype == dtype
 
 
-@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted")])
+@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted"),
+                                    HashedNetsConfig(block_size=16, sign_patterns=4)])
 def test_sorted_backward_traces_under_torch_compile(config):
     # aot_eager traces forward and backward as inductor would, without a slow C++ build
     model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))

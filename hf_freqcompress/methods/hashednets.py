@@ -41,7 +41,7 @@ copies of the rows, ``cat([r_p * T, -r_p * T])`` for every p, and the index
 folds the pattern in: reconstruction stays one gather of contiguous rows,
 from a table P times larger (2 P K values, built on every forward, so keep
 P K well under the layer's size). MNIST 784-1000-10 at 1/64, blocks of 64,
-3 seeds (docs/results/perf.md, "Tiled layout"): per-weight hashing 3.20%
+3 seeds (docs/results/perf.md, "Sign patterns"): per-weight hashing 3.20%
 test error, one sign per block 4.65%, 4 patterns 3.45%, 16 patterns 3.31%.
 P = 1 (default) is the layout above, bit for bit, so existing checkpoints
 load unchanged.
