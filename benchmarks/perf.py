@@ -29,8 +29,9 @@ For each model and method (at 1/16 unless told otherwise):
 
 Methods are registered names or ``name:key=value,...`` with config options
 (``hashednets:block_size=64`` is the tiled layout); by default every
-registered method plus the tiled HashedNets. Timings alternate dense and
-compressed steps and take medians, so machine noise hits both sides alike.
+registered method plus the tiled HashedNets, with and without sign
+patterns. Timings alternate dense and compressed steps and take medians, so
+machine noise hits both sides alike.
 
     python benchmarks/perf.py --out docs/results/perf.json
 """
@@ -73,7 +74,7 @@ WORKLOADS = (
 )
 QUICK_WORKLOADS = (Workload("resnet18", 8, 64),)
 COMPRESS_TIMING_MODELS = ("resnet50", "vit_base_patch16_224")
-EXTRA_VARIANTS = ("hashednets:block_size=64",)
+EXTRA_VARIANTS = ("hashednets:block_size=64", "hashednets:block_size=64,sign_patterns=4")
 
 
 def build(workload: Workload) -> nn.Module:
