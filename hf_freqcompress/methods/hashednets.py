@@ -223,17 +223,19 @@ class HashedNetsWeight(CompressedWeight):
         self._sign_key = layer_key(seed, spec.name, "sign")
         self._pattern_key = layer_key(seed, spec.name, "pattern")
         self.locality = config.locality_for(self.buckets)
-        for name in ("signed_index", "sorted_order", "row_starts", "pattern_signs"):
+        for name in ("signed_index", "sorted_order", "row_starts", "signed_patterns"):
             self.register_buffer(name, None, persistent=False)
         self.rebuild_caches(device)
 
-    def _compute_pattern_signs(self, device: torch.device | None) -> torch.Tensor | None:
-        """(P, block_size) float signs, pattern p's sign of each position in a block; None without patterns."""
+    def _compute_signed_patterns(self, device: torch.device | None) -> torch.Tensor | None:
+        """(P, 2, 1, block_size) float signs: pattern p's sign of each position in a block, then negated;
+        broadcast against the (rows, block_size) table it gives the whole signed table. None without patterns."""
         if self.sign_patterns == 1:
             return None
         positions = torch.arange(self.sign_patterns * self.block_size, device=device)
         negative = sign_bit(hash32(positions, layer_key(self.seed, self.spec.name, "pattern_sign")))
-        return (1 - 2 * negative).float().view(self.sign_patterns, self.block_size)
+        signs = (1 - 2 * negative).float().view(self.sign_patterns, 1, 1, self.block_size)
+        return torch.cat([signs, -signs], dim=1)
 
     def _compute_index(self, device: torch.device | None) -> torch.Tensor:
         """Folded row index in [0, table_rows) of every block (every weight when block_size is 1).
@@ -250,7 +252,7 @@ class HashedNetsWeight(CompressedWeight):
         return folded
 
     def rebuild_caches(self, device: torch.device | None) -> None:
-        self.pattern_signs = self._compute_pattern_signs(device)  # tiny, needed with or without the index cache
+        self.signed_patterns = self._compute_signed_patterns(device)  # tiny, needed with or without the index cache
         if not self.config.cache_indices:
             return
         self.signed_index = self._compute_index(device)
@@ -273,9 +275,8 @@ class HashedNetsWeight(CompressedWeight):
         table = wrapped.view(self.rows, self.block_size).squeeze(1)
         if self.sign_patterns == 1:
             return torch.cat([table, -table])
-        signs = self.pattern_signs.to(table.dtype)
-        signed_patterns = torch.stack([signs, -signs], dim=1).unsqueeze(2)  # (P, 2, 1, block_size)
-        return (table * signed_patterns).view(self.table_rows, self.block_size)  # one broadcast product, no cat
+        patterned = table * self.signed_patterns.to(table.dtype)  # (P, 2, rows, block_size): one broadcast product
+        return patterned.view(self.table_rows, self.block_size)
 
     def _split_align(self) -> int:
         """Units between places where threads may cut the gather without sharing a bucket: the locality chunk."""
@@ -298,8 +299,8 @@ class HashedNetsWeight(CompressedWeight):
         row = signed_row - self.rows * negative
         offset = torch.arange(self.block_size, device=device)
         value = (row * self.block_size + offset) % self.buckets
-        if self.pattern_signs is not None:
-            negative = negative ^ (self.pattern_signs.to(device)[pattern.squeeze(1)] < 0)
+        if self.signed_patterns is not None:
+            negative = negative ^ (self.signed_patterns.to(device)[pattern.squeeze(1), 0, 0] < 0)
         return (value + self.buckets * negative).view(-1)[: self.spec.numel]
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
