@@ -29,7 +29,7 @@ from hf_freqcompress.data import mnist_dataset
 from hf_freqcompress.layers import find_layer_kind
 from hf_freqcompress.methods import MethodConfig, get_method, resolve_config
 from hf_freqcompress.models import parse_model_args
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 from hf_freqcompress.training import distillation_loss
 
 __all__ = [

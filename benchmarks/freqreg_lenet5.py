@@ -52,7 +52,7 @@ from hf_freqcompress.methods.freqreg import (
     draw_coefficients,
     drop_rate_reaching,
 )
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 
 from common import (
     benchmark_parser,

@@ -52,7 +52,7 @@ from torch.nn.utils import parametrize
 
 from hf_freqcompress import available_methods, compress, materialize
 from hf_freqcompress.methods import parallel
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 
 from common import (
     alternating_medians, alternating_ratio, benchmark_parser, method_config, print_table, timed, train_step,

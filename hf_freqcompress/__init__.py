@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .api import compress, decompress, finalize, get_reports, materialize, on_train_step, regularization
+from .api import compress, finalize, get_reports, materialize, on_train_step, regularization
 from .budget import parse_budget
 from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
@@ -34,7 +34,6 @@ except PackageNotFoundError:  # running from a source tree without installing
 __all__ = [
     "compress",
     "materialize",
-    "decompress",
     "get_reports",
     "save_pretrained",
     "from_pretrained",

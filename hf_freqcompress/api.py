@@ -9,35 +9,17 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .budget import Budget, BudgetTooSmallError, LayerDemand, parse_budget, plan_budget
-from .methods import MethodConfig, get_method, resolve_config
-from .models import RECIPE_ATTRIBUTE
+from .dtypes import resolve_storage_dtype
+from .methods import MethodConfig, compressed_weights, get_method, resolve_config
+from .plan import build_parametrizations
 from .report import CompressionReport, LayerReport
-from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, compressed_weights, select_targets
+from .state import RECIPE_ATTRIBUTE, REPORT_ATTRIBUTE, add_reports, get_reports
+from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, select_targets
 
-__all__ = ["compress", "materialize", "decompress", "get_reports", "on_train_step", "finalize", "regularization", "REPORT_ATTRIBUTE"]
-
-REPORT_ATTRIBUTE = "hf_freqcompress_reports"
-"""The model attribute listing one report per ``compress()`` call; ``materialize`` removes it.
-
-A model may be compressed in several calls on disjoint layers (say FreshNets
-on the convolutions, PQ on the fully-connected layers), hence a list."""
+__all__ = ["compress", "materialize", "get_reports", "on_train_step", "finalize", "regularization"]
 
 INITS = ("project", "preserve_norm")
 """What ``compress(init=...)`` accepts."""
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def resolve_storage_dtype(storage_dtype: torch.dtype | str | None, weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype stored values take in a checkpoint: ``storage_dtype`` if given, else ``weight_dtype``."""
-    if storage_dtype is None:
-        return weight_dtype
-    if isinstance(storage_dtype, str):
-        if storage_dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"unknown storage_dtype {storage_dtype!r}; use one of {sorted(_DTYPES)}")
-        return _DTYPES[storage_dtype.removeprefix("torch.")]
-    if storage_dtype not in _DTYPES.values():
-        raise ValueError(f"storage_dtype {storage_dtype} is not a float dtype; use one of {sorted(_DTYPES)}")
-    return storage_dtype
 
 
 def _plan(
@@ -117,11 +99,7 @@ def compress(
         for spec in specs
     ]
     allocation = _plan(parsed, demands, bits, strategy)
-    parametrizations = [
-        parametrization_class(spec, target.kind, config, values, seed, device=target.weight.device)
-        for spec, target, values in zip(specs, chosen, allocation)
-    ]
-    parametrization_class.prepare_group(parametrizations, [target.kind.to_canonical(target.weight) for target in chosen])
+    parametrizations = build_parametrizations(chosen, config, allocation, seed, bits)
     errors = apply_parametrizations(list(zip(chosen, parametrizations)), preserve_norm=init == "preserve_norm")
     rows = []
     for spec, target, parametrization, error in zip(specs, chosen, parametrizations, errors):
@@ -141,13 +119,8 @@ def compress(
             )
         )
     report = CompressionReport(config.method, parsed.text, int(seed), str(dtype).removeprefix("torch."), rows)
-    setattr(model, REPORT_ATTRIBUTE, [*get_reports(model), report])
+    add_reports(model, [report])
     return report
-
-
-def get_reports(model: nn.Module) -> list[CompressionReport]:
-    """The reports of the ``compress()`` calls applied to ``model``, oldest first."""
-    return list(getattr(model, REPORT_ATTRIBUTE, []))
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -164,9 +137,6 @@ def materialize(model: nn.Module) -> nn.Module:
         if hasattr(model, attribute):
             delattr(model, attribute)
     return model
-
-
-decompress = materialize
 
 
 def on_train_step(model: nn.Module, step: int) -> None:

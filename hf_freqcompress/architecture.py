@@ -26,7 +26,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .methods import CompressedWeight
-from .models import RECIPE_ATTRIBUTE
+from .models import timm_architecture
+from .state import RECIPE_ATTRIBUTE
 
 __all__ = ["describe", "build", "check_rebuild"]
 
@@ -90,16 +91,12 @@ def build(record: dict[str, Any]) -> nn.Module:
     library = record.get("library")
     with init_empty_weights(include_buffers=False):
         if library == "timm":
-            import timm
-
             refused = sorted(_LOADING_KWARGS & set(record["kwargs"]))
             if refused:
                 raise ValueError(f"base model kwargs {refused} would load weights from elsewhere; refusing them")
-            if not timm.is_model(record["name"]):
-                raise ValueError(f"timm has no model {record['name']!r}; is the installed timm older than the saver's?")
-            model = timm.create_model(record["name"], pretrained=False, **record["kwargs"])
-            setattr(model, RECIPE_ATTRIBUTE, {"name": record["name"], "kwargs": record["kwargs"]})  # re-saving needs it
-            return model
+            if record["name"].startswith("hf-hub:"):
+                raise ValueError(f"base model {record['name']!r} names a Hub repo; a checkpoint records an architecture")
+            return timm_architecture(record["name"], record["kwargs"])
         if library == "transformers":
             import transformers
 

@@ -28,8 +28,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES, TENSOR_DTYPES, dtype_name
+from .methods import compressed_weights
 from .plan import CompressionPlan
-from .surgery import StoredTensors, compressed_weights
+from .surgery import StoredTensors
 
 __all__ = [
     "FORMAT_VERSION",
@@ -49,22 +51,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "compression_config.json"
 WEIGHTS_NAME = "model.safetensors"
 
-_DTYPES = {
-    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}
-
 TensorInfo = tuple[tuple[int, ...], str]
 """A tensor's (shape, dtype name), as the header states it or the skeleton expects it."""
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _storage_prefix(weight_name: str) -> str:
@@ -129,7 +117,7 @@ class CheckpointConfig:
         else:
             raise ValueError(f"{source} base_model.library must be 'timm' or 'transformers', got {base.get('library')!r}")
         dtype = _field(data, "dtype", str, source)
-        if dtype not in _DTYPES or not _DTYPES[dtype].is_floating_point:
+        if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{source} dtype {dtype!r} is not a floating-point dtype name")
         compressions = _field(data, "compressions", list, source)
         if not compressions:
@@ -233,9 +221,9 @@ def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
             header = {}
             for key in file.keys():
                 view = file.get_slice(key)
-                if view.get_dtype() not in _SAFETENSORS_DTYPES:
+                if view.get_dtype() not in SAFETENSORS_DTYPES:
                     raise ValueError(f"{path}: tensor {key!r} has dtype {view.get_dtype()}, which this loader does not read")
-                header[key] = (tuple(view.get_shape()), _SAFETENSORS_DTYPES[view.get_dtype()])
+                header[key] = (tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()])
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     return header
@@ -291,7 +279,7 @@ def fit_skeleton(
                 "the folder was saved from another architecture or configuration"
             )
     meta = {
-        key: torch.empty(shape, dtype=before[key].dtype if key in before else _DTYPES[dtype], device="meta")
+        key: torch.empty(shape, dtype=before[key].dtype if key in before else TENSOR_DTYPES[dtype], device="meta")
         for key, (shape, dtype) in header.items()
     }
     meta.update({alias: meta[source] for alias, source in aliases.items()})

@@ -10,13 +10,23 @@ from typing import Sequence
 from .api import INITS, compress
 from .hub import describe_folder, push_folder, save_pretrained
 from .methods import available_methods, get_method
-from .models import build_model, parse_model_args
+from .models import build_model, model_source, parse_model_args
 
 __all__ = ["main"]
 
 
+def _describe_source(source: dict) -> str:
+    if not source["pretrained"]:
+        return f"base model: {source['spec']}, randomly initialised (as asked: --random-init)"
+    return f"base model: {source['spec']}, trained weights from {source['weights'] or 'the local folder'}"
+
+
 def _compress_command(args: argparse.Namespace) -> int:
-    model = build_model(args.model, **parse_model_args(args.model_arg))
+    model = build_model(
+        args.model, pretrained=False if args.random_init else None, revision=args.revision,
+        trust_remote_code=args.trust_remote_code, **parse_model_args(args.model_arg),
+    )
+    print(_describe_source(model_source(model)), file=sys.stderr if args.json else sys.stdout)
     method = get_method(args.method).config_class.from_dict(parse_model_args(args.option))
     report = compress(
         model,
@@ -99,8 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-freqcompress", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("compress", help="compress a timm or transformers model and print the report")
-    sub.add_argument("--model", required=True, help="timm:<name> or hf:<model_type or config dir>")
+    sub.add_argument("--model", required=True,
+                     help="timm:<name>[.<tag>], timm:hf-hub:<repo> or hf:<repo id or folder>; its trained weights load")
     sub.add_argument("--model-arg", action="append", metavar="KEY=VALUE", help="model/config kwarg, repeatable")
+    sub.add_argument("--random-init", action="store_true",
+                     help="build a randomly initialised model instead of loading weights (hf:<model_type> works offline)")
+    sub.add_argument("--revision", help="branch, tag or commit of an hf: model on the Hub")
+    sub.add_argument("--trust-remote-code", action="store_true", help="allow an hf: model's own code (auto_map)")
     sub.add_argument("--budget", default="1/16", help="'1/64', 0.05, a value count, or '2MB'")
     sub.add_argument("--method", default="hashednets", choices=available_methods())
     sub.add_argument("--option", action="append", metavar="KEY=VALUE", help="method config option, repeatable")

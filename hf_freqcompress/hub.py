@@ -33,7 +33,6 @@ from .checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     CheckpointConfig,
-    dtype_name,
     fit_skeleton,
     load_tensors,
     read_config,
@@ -42,6 +41,7 @@ from .checkpoint import (
     tensors_to_save,
     write_tensors,
 )
+from .dtypes import dtype_name
 from .plan import apply_plans, plans_of
 
 __all__ = ["save_pretrained", "from_pretrained", "push_to_hub", "push_folder", "describe_folder"]

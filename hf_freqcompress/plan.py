@@ -10,17 +10,18 @@ and adopts storage of the saved shapes instead of re-projecting weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .api import REPORT_ATTRIBUTE, get_reports, resolve_storage_dtype
-from .methods import CompressedWeight, MethodConfig, get_method, resolve_config
+from .dtypes import float_dtype
+from .methods import CompressedWeight, MethodConfig, compressed_weights, get_method, resolve_config
 from .report import CompressionReport
-from .surgery import StoredTensors, compressed_weights, restore_parametrizations, targets_by_name
+from .state import add_reports, get_reports
+from .surgery import StoredTensors, Target, restore_parametrizations, targets_by_name
 
-__all__ = ["CompressionPlan", "plans_of", "apply_plans"]
+__all__ = ["CompressionPlan", "plans_of", "build_parametrizations", "apply_plans"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class CompressionPlan:
 
     @property
     def storage_dtype(self) -> torch.dtype:
-        return _dtype_named(self.report.storage_dtype)
+        return float_dtype(self.report.storage_dtype, "storage_dtype")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -71,13 +72,8 @@ class CompressionPlan:
             raise ValueError(f"{where}: report method {report.method!r} differs from config method {config.method!r}")
         if not isinstance(report.storage_dtype, str) or type(report.seed) is not int:
             raise ValueError(f"{where}.report needs a storage_dtype name and an int seed")
-        _dtype_named(report.storage_dtype)
+        float_dtype(report.storage_dtype, f"{where}.report.storage_dtype")
         return cls(config, report, tuple(planned))
-
-
-def _dtype_named(name: str) -> torch.dtype:
-    # a dtype name resolves by itself: the weight dtype fallback is never used
-    return resolve_storage_dtype(name, weight_dtype=torch.float32)
 
 
 def plans_of(model: nn.Module) -> list[CompressionPlan]:
@@ -103,6 +99,51 @@ def plans_of(model: nn.Module) -> list[CompressionPlan]:
     return plans
 
 
+def build_parametrizations(
+    targets: Sequence[Target],
+    config: MethodConfig,
+    allocation: Sequence[int],
+    seed: int,
+    storage_bits: int,
+) -> list[CompressedWeight]:
+    """One linked parametrization per target: the single build path of ``compress()`` and loading.
+
+    Builds each layer's ``CompressedWeight`` (hash caches included) with its
+    planned number of values, then lets the method link the layers of one
+    call (``prepare_group``, e.g. FunHashNN's shared space) given their
+    current weights: real ones are fitted jointly, a skeleton's meta weights
+    (loading) only size the linked state, whose values come from the
+    checkpoint. The model itself is not touched.
+    """
+    parametrization_class = get_method(config.method)
+    parametrizations = [
+        parametrization_class(target.spec(storage_bits), target.kind, config, values, seed, device=target.weight.device)
+        for target, values in zip(targets, allocation, strict=True)
+    ]
+    parametrization_class.prepare_group(parametrizations, [target.kind.to_canonical(target.weight) for target in targets])
+    return parametrizations
+
+
+def _check_planned(plan: CompressionPlan, targets: Sequence[Target]) -> None:
+    """Every recorded layer matches the model's weight and its allocation is one the method accepts."""
+    parametrization_class = get_method(plan.config.method)
+    bits = torch.finfo(plan.storage_dtype).bits
+    for layer, target, values in zip(plan.report.layers, targets, plan.planned_values):
+        spec = target.spec(bits)
+        if spec.shape != tuple(layer.shape):
+            raise ValueError(
+                f"the checkpoint compresses {layer.name!r} with shape {tuple(layer.shape)} but the model's "
+                f"weight has shape {spec.shape}: the folder was saved from another architecture"
+            )
+        low = parametrization_class.min_values(spec, plan.config)
+        high = parametrization_class.max_values(spec, plan.config)
+        if not low <= values <= high:
+            raise ValueError(
+                f"layer {layer.name!r} is planned {values} values, outside the range [{low}, {high}] "
+                f"{plan.config.method!r} accepts for it"
+            )
+
+
 def apply_plans(model: nn.Module, plans: list[CompressionPlan], stored: Mapping[str, StoredTensors]) -> None:
     """Compress ``model`` exactly as ``plans`` record; meant for a fresh skeleton on the meta device.
 
@@ -112,28 +153,10 @@ def apply_plans(model: nn.Module, plans: list[CompressionPlan], stored: Mapping[
     the skeleton.
     """
     for plan in plans:
-        parametrization_class = get_method(plan.config.method)
-        bits = torch.finfo(plan.storage_dtype).bits
         layers = plan.report.layers
         targets = targets_by_name(model, [(layer.name, layer.kind) for layer in layers])
-        pairs = []
-        for layer, target, values in zip(layers, targets, plan.planned_values):
-            spec = target.spec(bits)
-            if spec.shape != tuple(layer.shape):
-                raise ValueError(
-                    f"the checkpoint compresses {layer.name!r} with shape {tuple(layer.shape)} but the model's "
-                    f"weight has shape {spec.shape}: the folder was saved from another architecture"
-                )
-            low = parametrization_class.min_values(spec, plan.config)
-            high = parametrization_class.max_values(spec, plan.config)
-            if not low <= values <= high:
-                raise ValueError(
-                    f"layer {layer.name!r} is planned {values} values, outside the range [{low}, {high}] "
-                    f"{plan.config.method!r} accepts for it"
-                )
-            parametrization = parametrization_class(
-                spec, target.kind, plan.config, values, plan.report.seed, device=target.weight.device
-            )
-            pairs.append((target, parametrization))
-        restore_parametrizations(pairs, [stored[layer.name] for layer in layers])
-    setattr(model, REPORT_ATTRIBUTE, [*get_reports(model), *(plan.report for plan in plans)])
+        _check_planned(plan, targets)
+        bits = torch.finfo(plan.storage_dtype).bits
+        parametrizations = build_parametrizations(targets, plan.config, plan.planned_values, plan.report.seed, bits)
+        restore_parametrizations(list(zip(targets, parametrizations)), [stored[layer.name] for layer in layers])
+    add_reports(model, [plan.report for plan in plans])

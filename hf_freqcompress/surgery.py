@@ -29,7 +29,6 @@ __all__ = [
     "classifier_names",
     "apply_parametrizations",
     "restore_parametrizations",
-    "compressed_weights",
 ]
 
 MIN_LAYER_VALUES = 1024
@@ -64,7 +63,6 @@ class Target:
             name=self.weight_name,
             kind=self.kind.name,
             shape=tuple(canonical.shape),
-            groups=int(getattr(self.module, "groups", 1)),
             storage_bits=storage_bits,
         )
 
@@ -338,16 +336,3 @@ def _restore(target: Target, dense: nn.Parameter) -> None:
     if parametrize.is_parametrized(module, name):
         parametrize.remove_parametrizations(module, name, leave_parametrized=False)
     module._parameters[name] = dense
-
-
-def compressed_weights(model: nn.Module) -> list[tuple[str, nn.Module, str, CompressedWeight]]:
-    """(module name, module, parameter name, parametrization) of every compressed weight."""
-    found = []
-    for module_name, module in model.named_modules():
-        if not parametrize.is_parametrized(module):
-            continue
-        for param_name, chain in module.parametrizations.items():
-            for parametrization in chain:
-                if isinstance(parametrization, CompressedWeight):
-                    found.append((module_name, module, param_name, parametrization))
-    return found

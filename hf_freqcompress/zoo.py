@@ -1,12 +1,12 @@
-"""Small MNIST networks registered in timm's model registry.
+"""Small MNIST networks that build by name beside timm's models.
 
 Recipes, tests and the README's first command train on MNIST on a laptop CPU,
-so they need networks far smaller than anything timm ships. Registering them
-with timm's ``@register_model`` (instead of a private class) means they are
-built by name like every other model, ``timm:mnist_mlp`` works in recipes and
-on the command line, and ``save_pretrained`` / ``from_pretrained`` rebuild
-them through the same timm path as a ResNet. Importing ``hf_freqcompress``
-registers them.
+so they need networks far smaller than anything timm ships. They follow timm's
+conventions (``num_classes``, ``get_classifier()``, a ``pretrained_cfg``) and
+are looked up by name before timm's registry (:data:`ZOO_MODELS`), so
+``timm:mnist_mlp`` works in recipes and on the command line and
+``save_pretrained`` / ``from_pretrained`` rebuild them through the same path
+as a ResNet, without registering anything in timm's global registry.
 
 - ``mnist_mlp``: LeNet-300-100 (784-300-100-10), the MLP of the HashedNets,
   FunHashNN and PQ papers' MNIST experiments (266k weights).
@@ -19,10 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.models import register_model
 from torch import nn
 
-__all__ = ["MnistMLP", "MnistLeNet", "MNIST_PRETRAINED_CFG"]
+__all__ = ["MnistMLP", "MnistLeNet", "MNIST_PRETRAINED_CFG", "ZOO_MODELS", "create_zoo_model"]
 
 MNIST_PRETRAINED_CFG: dict[str, Any] = {
     "input_size": (1, 28, 28),
@@ -82,20 +81,12 @@ class MnistLeNet(_MnistClassifier):
         return self.head(self.features(x))
 
 
-def _no_weights(name: str, pretrained: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Drop timm's factory arguments; these networks have no pretrained weights to load."""
+ZOO_MODELS: dict[str, type[_MnistClassifier]] = {"mnist_mlp": MnistMLP, "mnist_lenet": MnistLeNet}
+"""Name -> class of the networks built here (checked before timm's registry)."""
+
+
+def create_zoo_model(name: str, pretrained: bool = False, **kwargs: Any) -> _MnistClassifier:
+    """Build zoo network ``name`` with ``kwargs``; these networks have no pretrained weights."""
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; build it with pretrained=False and train it")
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return kwargs
-
-
-@register_model
-def mnist_mlp(pretrained: bool = False, **kwargs: Any) -> MnistMLP:
-    return MnistMLP(**_no_weights("mnist_mlp", pretrained, kwargs))
-
-
-@register_model
-def mnist_lenet(pretrained: bool = False, **kwargs: Any) -> MnistLeNet:
-    return MnistLeNet(**_no_weights("mnist_lenet", pretrained, kwargs))
+    return ZOO_MODELS[name](**kwargs)

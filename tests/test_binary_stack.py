@@ -13,7 +13,7 @@ from hf_freqcompress import BinaryStackConfig, compress, finalize, on_train_step
 from hf_freqcompress.methods.binary_stack import BinaryStackWeight, bank_sizes
 from hf_freqcompress.methods.binary_stack_forward import binary_stack_conv2d, choose_conv_forward, split_forward_layers
 from hf_freqcompress.packing import pack_bits, unpack_bits
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 
 
 def parametrization(module: nn.Module) -> BinaryStackWeight:

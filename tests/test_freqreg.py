@@ -13,7 +13,7 @@ from torch import nn
 import hf_freqcompress as hf
 from hf_freqcompress import FreqRegConfig, compress
 from hf_freqcompress.dct import dct_corner, idct_corner, zigzag_order
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 from hf_freqcompress.methods.freqreg import (
     PAPER_CONV_FLOOR,
     PAPER_LINEAR_FLOOR,

@@ -43,7 +43,7 @@ CONFIG, WEIGHTS = "compression_config.json", "model.safetensors"
 
 
 def _timm(name: str, **kwargs) -> nn.Module:
-    return build_model(f"timm:{name}", num_classes=10, **kwargs).eval()
+    return build_model(f"timm:{name}", pretrained=False, num_classes=10, **kwargs).eval()
 
 
 MODELS = {
@@ -511,7 +511,7 @@ def test_model_card_metadata_and_body(tmp_path):
 
 def test_cli_compress_out_and_info(tmp_path, capsys):
     folder = tmp_path / "ckpt"
-    args = ["compress", "--model", "timm:resnet18", "--model-arg", "num_classes=10", "--budget", "1/64"]
+    args = ["compress", "--model", "timm:resnet18", "--random-init", "--model-arg", "num_classes=10", "--budget", "1/64"]
     assert main([*args, "--out", str(folder)]) == 0
     assert main([*args, "--out", str(folder)]) == 2
     assert "--overwrite" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import compress
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 
 from conftest import tiny_gpt2, tiny_hf_resnet, tiny_hf_vit
 

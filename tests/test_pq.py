@@ -11,7 +11,7 @@ from hf_freqcompress.kmeans import kmeans
 from hf_freqcompress.methods.base import LayerSpec
 from hf_freqcompress.methods.pq import PQLayout, PQWeight, choose_layout
 from hf_freqcompress.regularizers import PQCentroidPenalty, available_regularizers, get_regularizer
-from hf_freqcompress.surgery import compressed_weights
+from hf_freqcompress.methods import compressed_weights
 
 from conftest import tiny_gpt2
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import CompressedWeight, LayerSpec, MethodConfig
+from .base import CompressedWeight, LayerSpec, MethodConfig, compressed_weights
 from .binary_stack import BinaryStackConfig
 from .freqreg import FreqRegConfig
 from .freshnets import FreshNetsConfig
@@ -13,6 +13,7 @@ from .registry import available_methods, get_method, register_method, resolve_co
 
 __all__ = [
     "CompressedWeight",
+    "compressed_weights",
     "LayerSpec",
     "MethodConfig",
     "FreqRegConfig",

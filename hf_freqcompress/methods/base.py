@@ -17,10 +17,11 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..layers import LayerKind
 
-__all__ = ["LayerSpec", "MethodConfig", "CompressedWeight"]
+__all__ = ["LayerSpec", "MethodConfig", "CompressedWeight", "compressed_weights"]
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,6 @@ class LayerSpec:
     name: str
     kind: str
     shape: tuple[int, ...]
-    groups: int = 1
     storage_bits: int = 32
 
     @property
@@ -133,9 +133,12 @@ class CompressedWeight(nn.Module):
         """Link the layers of one ``compress()`` call that share stored numbers; default: nothing.
 
         Called once, after every member is built and before any weight is
-        replaced, with each member's canonical dense weight: a method whose
-        layers share state (FunHashNN's shared space) sizes and fits it here,
-        jointly. Raising here leaves the model untouched.
+        replaced, with each member's canonical current weight, both when
+        compressing and when loading, so shared state is linked the same way
+        on both paths. A method whose layers share state (FunHashNN's shared
+        space) sizes it here and fits it jointly to real weights; meta weights
+        (a skeleton being loaded) carry no values to fit. Raising here leaves
+        the model untouched.
         """
 
     # -- training hooks (the training loop calls these through the model) ------
@@ -223,3 +226,16 @@ class CompressedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec.name}: {self.spec.shape} -> {self.planned_values} values"
+
+
+def compressed_weights(model: nn.Module) -> list[tuple[str, nn.Module, str, CompressedWeight]]:
+    """(module name, module, parameter name, parametrization) of every compressed weight."""
+    found = []
+    for module_name, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for param_name, chain in module.parametrizations.items():
+            for parametrization in chain:
+                if isinstance(parametrization, CompressedWeight):
+                    found.append((module_name, module, param_name, parametrization))
+    return found

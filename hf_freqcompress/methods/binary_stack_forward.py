@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..surgery import compressed_weights
+from .base import compressed_weights
 from .binary_stack import BinaryStackWeight
 
 __all__ = ["binary_stack_conv2d", "ForwardChoice", "choose_conv_forward", "split_forward_layers"]

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..dct import dct_corner, idct_corner, zigzag_order
-from .base import CompressedWeight, LayerSpec, MethodConfig
+from .base import CompressedWeight, LayerSpec, MethodConfig, compressed_weights
 from .registry import register_method
 
 __all__ = [
@@ -135,8 +135,6 @@ def draw_coefficients(model: nn.Module, std: float = PAPER_INIT_STD, seed: int =
     ``kept`` during a schedule included; other layers and biases are left
     alone. Returns the number of coefficients drawn.
     """
-    from ..surgery import compressed_weights  # surgery imports this package: resolve at call time
-
     if not std > 0:
         raise ValueError(f"draw_coefficients needs std > 0, got {std}; the paper's init is PAPER_INIT_STD = {PAPER_INIT_STD}")
     generator = torch.Generator().manual_seed(seed)
@@ -288,6 +286,10 @@ class FreqRegWeight(CompressedWeight):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self.stored > self.final and not self.kept.is_meta:  # resume mid-schedule with the same layout
             self._follow(int(self.kept))
+
+    def rebuild_caches(self, device: torch.device) -> None:
+        """Lay the positions out for the current state: the schedule's rung while it runs, else the storage."""
+        self._lay_out(self._layout_count(self._kept_count) if self.stored > self.final else self.stored, device)
 
     def finalize_storage(self, original: torch.Tensor) -> torch.Tensor | None:
         if original.shape[0] == self.final:

@@ -420,7 +420,11 @@ class FunHashWeight(CompressedWeight):
     # -- shared space -------------------------------------------------------------
     @classmethod
     def prepare_group(cls, members: Sequence[CompressedWeight], weights: Sequence[torch.Tensor]) -> None:
-        """shared_space: size the one space from every layer's share, fit it to all weights jointly."""
+        """shared_space: link every layer to one space sized from their shares; fit it to all weights jointly.
+
+        On a skeleton (meta weights, a checkpoint being loaded) the space is only allocated: its values come
+        from the checkpoint.
+        """
         shared = [(m, w) for m, w in zip(members, weights) if isinstance(m, FunHashWeight) and m.config.shared_space]
         if not shared:
             return
@@ -430,6 +434,10 @@ class FunHashWeight(CompressedWeight):
             member._owner = (owner,)
             member._set_space_size(total, weight.device)
             member.g.to(dtype=weight.dtype)
+            member._awaiting_registration = not weight.is_meta
+        if first_weight.is_meta:
+            owner.space = nn.Parameter(torch.empty(total, dtype=first_weight.dtype, device="meta"))
+            return
         layers, dense = zip(*shared)
         owner.space = nn.Parameter(_fit_space(layers, dense, total).to(first_weight.dtype))
 

@@ -181,7 +181,11 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
     )
     set_seed(settings.seed)
 
-    model = build_model(recipe.model.name, **recipe.model.kwargs)
+    source = recipe.model
+    model = build_model(
+        source.name, pretrained=source.pretrained, revision=source.revision,
+        trust_remote_code=source.trust_remote_code, **source.kwargs,
+    )
     if recipe.model.checkpoint:
         _load_dense_checkpoint(model, recipe.model.checkpoint)
     teacher = copy.deepcopy(model) if recipe.distillation.enabled else None

@@ -48,14 +48,23 @@ class RecipeError(ValueError):
 
 @dataclass
 class ModelSection:
-    """``name``: ``timm:<name>`` or ``hf:<model_type or config dir>``; ``kwargs`` go to the constructor.
+    """The dense model to compress (``hf_freqcompress.models.build_model``).
 
-    ``checkpoint``: a safetensors state_dict loaded into the dense model before
-    compression (the trained model to compress, and the distillation teacher).
+    ``name``: ``timm:<name>[.<tag>]``, ``timm:hf-hub:<repo>`` or ``hf:<repo id or
+    local folder>``; ``kwargs`` go to the constructor (timm) or the config
+    (transformers). ``pretrained``: unset loads the trained weights wherever
+    the name has them (every timm and hf model; the zoo's MNIST networks have
+    none); ``false`` builds a random initialisation. ``revision`` /
+    ``trust_remote_code`` apply to ``hf:`` models. ``checkpoint``: a
+    safetensors state_dict loaded into the dense model afterwards (a local
+    fine-tune of the architecture; also the distillation teacher).
     """
 
     name: str = "timm:mnist_mlp"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
     checkpoint: str | None = None
 
 
