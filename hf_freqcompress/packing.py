@@ -67,21 +67,22 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     return out
 
 
-def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``count`` values as int64.
+def unpack_bits(packed: torch.Tensor, bits: int, count: int, offset: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``count`` values as int64, starting ``offset`` bits into ``packed``.
 
-    ``packed`` must hold exactly ``packed_size(count, bits)`` bytes, so a
-    truncated or mismatched tensor (say, from a corrupt checkpoint) is an
-    error instead of garbage codes.
+    ``packed`` must hold exactly ``packed_size(count * bits + offset, 1)``
+    bytes (everything up to the last value), so a truncated or mismatched
+    tensor (say, from a corrupt checkpoint) is an error instead of garbage
+    codes; ``offset`` lets one stream hold several packed sequences.
     """
     _check_bits(bits)
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed bits must be a uint8 tensor, got {packed.dtype}")
-    expected = packed_size(count, bits)
+    expected = packed_size(count * bits + offset, 1)
     flat = packed.reshape(-1)
     if flat.numel() != expected:
         raise ValueError(
-            f"{count} values of {bits} bits need {expected} packed bytes, got {flat.numel()} "
+            f"{count} values of {bits} bits after {offset} bits need {expected} packed bytes, got {flat.numel()} "
             "(truncated or mismatched data)"
         )
     out = torch.empty(count, dtype=torch.int64, device=flat.device)
@@ -89,8 +90,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     value_weights = 1 << torch.arange(bits, dtype=torch.int64, device=flat.device)
     for start in range(0, count, _CHUNK):
         stop = min(start + _CHUNK, count)
-        first, last = start * bits // 8, packed_size(stop, bits)
-        stream = ((flat[first:last, None] >> bit_shifts) & 1).reshape(-1)
-        stream = stream[: (stop - start) * bits].view(stop - start, bits).to(torch.int64)
-        out[start:stop] = (stream * value_weights).sum(1)
+        first_bit, last_bit = offset + start * bits, offset + stop * bits
+        stream = ((flat[first_bit // 8 : packed_size(last_bit, 1), None] >> bit_shifts) & 1).reshape(-1)
+        stream = stream[first_bit % 8 : first_bit % 8 + (stop - start) * bits].view(stop - start, bits)
+        out[start:stop] = (stream.to(torch.int64) * value_weights).sum(1)
     return out

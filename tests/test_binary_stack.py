@@ -168,7 +168,8 @@ def test_finalize_freezes_the_selection_into_indices():
     state = model.state_dict()
     assert not any("logits" in key for key in state)
     assert not any(name.endswith("logits") for name, _ in model.named_parameters())
-    assert p.indices.dtype == torch.int32 and "0.parametrizations.weight.0.indices" not in state
+    assert p.frozen and p.indices is None  # packed: decoded from the stream on every use, never kept
+    assert "0.parametrizations.weight.0.indices" not in state
     assert torch.equal(model[0].weight, before)
     assert p.training_values() == 0
 

@@ -21,6 +21,11 @@ from hf_freqcompress.methods.freshnets import allocate_buckets, band_rates, band
 from hf_freqcompress.methods.gather import gather_transform
 
 
+def folded_index(layer: nn.Module) -> torch.Tensor:
+    """The folded index of every hashed position of a compressed layer, cached or hashed now."""
+    return layer.parametrizations.weight[0].index_source().materialize(None)
+
+
 def parametrization_of(layer: nn.Module):
     return layer.parametrizations.weight[0]
 
@@ -111,7 +116,7 @@ def test_locality_zero_or_one_chunk_is_global_hashing_bit_for_bit(locality):
     local.load_state_dict(plain.state_dict())
     compress(nn.Sequential(plain), budget=120, method="freshnets", exclude=[])
     compress(nn.Sequential(local), budget=120, method=FreshNetsConfig(locality=locality), exclude=[])
-    assert torch.equal(parametrization_of(plain).signed_index, parametrization_of(local).signed_index)
+    assert torch.equal(folded_index(plain), folded_index(local))
     assert torch.equal(plain.weight, local.weight)
 
 
@@ -123,7 +128,7 @@ def test_locality_keeps_the_budget_least_squares_and_trains_every_bucket():
     parametrization = parametrization_of(layer)
     original = layer.parametrizations.weight.original
     assert original.numel() == 72 == sum(parametrization.band_buckets)
-    assert torch.equal(torch.unique(parametrization.signed_index.long() % 72), torch.arange(72))
+    assert torch.equal(torch.unique(folded_index(layer).long() % 72), torch.arange(72))
     basis = torch.stack([parametrization.reconstruct(torch.eye(72, dtype=torch.float64)[k]).reshape(-1)
                          for k in range(72)], dim=1)
     expected = torch.linalg.lstsq(basis, dense.reshape(-1, 1)).solution.squeeze(1)
@@ -144,7 +149,7 @@ def test_single_kernel_position_layers_are_hashednets_bit_for_bit(make):
     hashed.load_state_dict(fresh.state_dict())
     compress(nn.Sequential(fresh), budget=37, method="freshnets", exclude=[])
     compress(nn.Sequential(hashed), budget=37, method="hashednets", exclude=[])
-    assert torch.equal(parametrization_of(fresh).signed_index, parametrization_of(hashed).signed_index)
+    assert torch.equal(folded_index(fresh), folded_index(hashed))
     assert torch.equal(fresh.parametrizations.weight.original, hashed.parametrizations.weight.original)
     assert torch.equal(fresh.weight, hashed.weight)
 
@@ -242,15 +247,15 @@ def test_gradients_reach_every_bucket():
 
 
 def test_uncached_indices_and_small_chunks_give_identical_weights(monkeypatch):
-    import hf_freqcompress.hashing as hashing
+    from hf_freqcompress.methods import index
 
     cached, uncached = nn.Conv2d(6, 8, 5), nn.Conv2d(6, 8, 5)
     uncached.load_state_dict(cached.state_dict())
-    report = compress(nn.Sequential(cached), budget=120, method="freshnets", exclude=[])
+    report = compress(nn.Sequential(cached), budget=120, method=FreshNetsConfig(cache_indices=True), exclude=[])
     assert report.cache_bytes == 4 * cached.weight.numel()
-    monkeypatch.setattr(hashing, "_CHUNK", 70)  # 2 filters of 25 positions per chunk
-    config = FreshNetsConfig(cache_indices=False)
-    report = compress(nn.Sequential(uncached), budget=120, method=config, exclude=[])
+    monkeypatch.setattr(index, "_CHUNK_UNITS", 50)  # 2 filters of 25 positions per eager chunk
+    monkeypatch.setenv(index.KERNELS_VARIABLE, "eager")
+    report = compress(nn.Sequential(uncached), budget=120, method="freshnets", exclude=[])
     assert torch.equal(cached.weight, uncached.weight)
     assert report.cache_bytes == 0 and list(uncached.buffers()) == []
     assert not any("index" in key for key in nn.Sequential(cached).state_dict())
@@ -261,13 +266,13 @@ def test_identical_in_a_fresh_process():
         "import torch; from torch import nn; from hf_freqcompress import compress;"
         "torch.manual_seed(5); layer = nn.Conv2d(3, 4, (5, 3));"
         "compress(nn.Sequential(layer), budget=40, method='freshnets', exclude=[], seed=11);"
-        "print(layer.parametrizations.weight[0].signed_index.tolist())"
+        "print(layer.parametrizations.weight[0].index_source().materialize(None).tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     torch.manual_seed(5)
     layer = nn.Conv2d(3, 4, (5, 3))
     compress(nn.Sequential(layer), budget=40, method="freshnets", exclude=[], seed=11)
-    assert out.strip() == str(parametrization_of(layer).signed_index.tolist())
+    assert out.strip() == str(folded_index(layer).tolist())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

@@ -34,7 +34,8 @@ def test_one_hash_with_sum_is_hashednets_bit_for_bit():
     report_f = compress(funhash, "1/8", FunHashConfig(num_hashes=1, reconstruction="sum"), exclude=[], seed=5)
     assert report_f.stored_values == report_h.stored_values
     for i in (0, 2, 4):
-        assert torch.equal(parametrization(funhash, i).signed_index[0], hashed[i].parametrizations.weight[0].signed_index)
+        funhash_index = parametrization(funhash, i)._source(0).materialize(None)
+        assert torch.equal(funhash_index, hashed[i].parametrizations.weight[0].index_source().materialize(None))
         assert torch.equal(funhash[i].parametrizations.weight.original, hashed[i].parametrizations.weight.original)
         assert torch.equal(funhash[i].weight, hashed[i].weight)
     x = torch.randn(7, 64)
@@ -55,7 +56,7 @@ def test_one_hash_linear_g_starts_as_hashednets_with_the_same_buckets():
 
 def test_hashes_differ_and_g_sees_them_in_order():
     layer = build((50, 40), 300, FunHashConfig(num_hashes=3, reconstruction="linear"))
-    index = layer.signed_index
+    index = torch.stack([layer._source(u).materialize(None) for u in range(3)])
     assert index.shape == (3, 2000) and index.dtype == torch.int32
     assert (index[0] != index[1]).float().mean() > 0.9 and (index[1] != index[2]).float().mean() > 0.9
     values = torch.randn(layer.space_size)
@@ -124,8 +125,8 @@ def test_projection_is_least_squares():
 
 
 def test_recomputed_indices_match_the_cache():
-    cached = build((30, 20), 100, FunHashConfig())
-    fresh = build((30, 20), 100, FunHashConfig(cache_indices=False))
+    cached = build((30, 20), 100, FunHashConfig(cache_indices=True))
+    fresh = build((30, 20), 100, FunHashConfig())
     assert fresh.signed_index is None and fresh.cache_bytes() == 0
     assert cached.cache_bytes() == 4 * 4 * 600
     values = torch.randn(cached.space_size)
@@ -133,14 +134,13 @@ def test_recomputed_indices_match_the_cache():
 
 
 def test_backward_keeps_no_copy_per_hash():
-    """Saved activations stay at (H + 1) weight-sized tensors, not U (plus the cached index)."""
+    """Saved activations stay at (H + 1) weight-sized tensors, not U; no index is kept (it is hashed again)."""
     layer = build((100, 100), 500, FunHashConfig(num_hashes=8, reconstruction="mlp"))
     values = torch.randn(layer.space_size, requires_grad=True)
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.untyped_storage().data_ptr() != layer.signed_index.untyped_storage().data_ptr():
-            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

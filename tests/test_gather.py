@@ -7,6 +7,7 @@ import torch
 
 from hf_freqcompress.methods import gather
 from hf_freqcompress.methods.gather import gather_rows, gather_transform, segment_sum_csr, segment_sum_sorted, sort_rows
+from hf_freqcompress.methods.index import CachedIndex
 
 
 def _case(rows: int, width: int, units: int, dtype=torch.float64, device="cpu"):
@@ -20,7 +21,7 @@ def _case(rows: int, width: int, units: int, dtype=torch.float64, device="cpu"):
 
 def _grad(table, index, upstream, plan):
     table.grad = None
-    gather_rows(table, index, plan).backward(upstream)
+    gather_rows(table, CachedIndex(index), plan).backward(upstream)
     return table.grad.clone()
 
 
@@ -35,7 +36,7 @@ def test_gather_transform_equals_gather_then_product(monkeypatch, chunk_elements
     upstream = torch.randn(23, width, generator=generator, dtype=torch.float64)
     expected = table.index_select(0, index.view(-1)).view(23, width) @ matrix
     (expected_grad,) = torch.autograd.grad(expected, table, upstream)
-    out = gather_transform(table, index, matrix)
+    out = gather_transform(table, CachedIndex(index.view(-1), width), matrix)
     (grad,) = torch.autograd.grad(out, table, upstream)
     assert torch.allclose(out, expected, atol=1e-12) and torch.allclose(grad, expected_grad, atol=1e-12)
 
@@ -53,7 +54,7 @@ def test_sorted_backward_equals_autograd_scatter(monkeypatch, segment_sum, width
     monkeypatch.setitem(gather.SEGMENT_SUMS, "cpu", segment_sum)
     table, index, upstream = _case(rows=50, width=width, units=3000)  # some rows get no unit at all
     plan = sort_rows(index, 50)
-    assert torch.equal(gather_rows(table, index, plan), gather_rows(table, index))
+    assert torch.equal(gather_rows(table, CachedIndex(index), plan), gather_rows(table, CachedIndex(index)))
     assert torch.allclose(_grad(table, index, upstream, plan), _grad(table, index, upstream, None), rtol=0, atol=1e-12)
 
 

@@ -14,6 +14,11 @@ from hf_freqcompress.methods.hashednets import AUTO_LOCALITY, LOCAL_ABOVE_BUCKET
 from hf_freqcompress.models import build_model
 
 
+def folded_index(layer: nn.Module) -> torch.Tensor:
+    """The folded index of every hashed unit of a compressed layer, cached or hashed now."""
+    return layer.parametrizations.weight[0].index_source().materialize(None)
+
+
 def naive_hashednets(values: torch.Tensor, shape, name: str, seed: int) -> torch.Tensor:
     """The paper's formula, one weight at a time: W[i] = sign(i) * v[h(i)]."""
     buckets = values.numel()
@@ -82,7 +87,7 @@ def test_tiled_matches_naive_reference_and_keeps_the_budget(shape, block):
     report = compress(nn.Sequential(layer), budget=37, exclude=[], method=HashedNetsConfig(block_size=block))
     parametrization = layer.parametrizations.weight
     assert parametrization.original.numel() == report.stored_values == 37
-    assert parametrization[0].signed_index.numel() == -(-layer.weight.numel() // block)
+    assert parametrization[0].index_source().units == -(-layer.weight.numel() // block)
     expected = naive_tiled(parametrization.original.detach(), shape, block, "0.weight", 0)
     assert torch.equal(layer.weight.detach(), expected)
 
@@ -125,7 +130,7 @@ def test_locality_zero_or_one_chunk_is_global_hashing_bit_for_bit(locality):
     local.load_state_dict(plain.state_dict())
     compress(nn.Sequential(plain), budget=100, exclude=[])
     compress(nn.Sequential(local), budget=100, exclude=[], method=HashedNetsConfig(locality=locality))
-    assert torch.equal(plain.parametrizations.weight[0].signed_index, local.parametrizations.weight[0].signed_index)
+    assert torch.equal(folded_index(plain), folded_index(local))
     assert torch.equal(plain.weight, local.weight)
     values = plain.parametrizations.weight.original.detach()
     assert torch.equal(plain.weight.detach(), naive_hashednets(values, (30, 40), "0.weight", 0))
@@ -139,7 +144,7 @@ def test_auto_locality_chunks_only_layers_whose_table_outgrows_the_cache(config_
     def signed_index(budget: int, config) -> torch.Tensor:
         module = layer()
         compress(nn.Sequential(module), budget=budget, exclude=[], method=config)
-        return module.parametrizations.weight[0].signed_index
+        return folded_index(module)
 
     above = LOCAL_ABOVE_BUCKETS + 1
     auto_above = signed_index(above, config_class())
@@ -175,7 +180,7 @@ def test_locality_keeps_the_budget_and_trains_every_bucket():
     report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(locality=64))
     weight = model[0].parametrizations.weight
     assert weight.original.numel() == report.stored_values == 100
-    assert torch.equal(torch.unique(weight[0].signed_index.long() % 100), torch.arange(100))
+    assert torch.equal(torch.unique(folded_index(model[0]).long() % 100), torch.arange(100))
     model(torch.randn(8, 40, dtype=torch.float64)).pow(2).sum().backward()
     assert (weight.original.grad != 0).all()
 
@@ -183,7 +188,8 @@ def test_locality_keeps_the_budget_and_trains_every_bucket():
 @pytest.mark.parametrize("backward", ["scatter", "sorted"])
 def test_locality_gradients_match_autograd_of_the_naive_reference(backward):
     layer = nn.Linear(20, 12).double()
-    compress(nn.Sequential(layer), budget=37, exclude=[], method=HashedNetsConfig(locality=64, backward=backward))
+    config = HashedNetsConfig(locality=64, backward=backward, cache_indices=backward == "sorted")
+    compress(nn.Sequential(layer), budget=37, exclude=[], method=config)
     values = layer.parametrizations.weight.original
     upstream = torch.randn(12, 20, dtype=torch.float64)
     (layer.weight * upstream).sum().backward()
@@ -208,7 +214,7 @@ def test_block_size_one_is_per_weight_hashing():
     plain, tiled = nn.Linear(20, 12), nn.Linear(20, 12)
     tiled.load_state_dict(plain.state_dict())
     compress(nn.Sequential(plain), budget=37, exclude=[])
-    compress(nn.Sequential(tiled), budget=37, exclude=[], method=HashedNetsConfig(block_size=1, backward="sorted"))
+    compress(nn.Sequential(tiled), budget=37, exclude=[], method=HashedNetsConfig(block_size=1, backward="sorted", cache_indices=True))
     assert torch.equal(plain.weight, tiled.weight)
 
 
@@ -244,7 +250,7 @@ def test_sorted_and_scatter_backward_give_the_same_gradients(block, patterns):
     for backward in ("scatter", "sorted"):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).double()
-        config = HashedNetsConfig(block_size=block, backward=backward, sign_patterns=patterns)
+        config = HashedNetsConfig(block_size=block, backward=backward, sign_patterns=patterns, cache_indices=backward == "sorted")
         compress(model, budget=300, exclude=[], method=config)
         model(torch.randn(8, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))).pow(2).sum().backward()
         grads[backward] = [p.grad for p in model.parameters()]
@@ -253,7 +259,7 @@ def test_sorted_and_scatter_backward_give_the_same_gradients(block, patterns):
 
 def test_sorted_plan_is_cached_and_reported():
     model = nn.Sequential(nn.Linear(40, 30))
-    report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(block_size=8))
+    report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(block_size=8, cache_indices=True))
     weight = model[0].parametrizations.weight[0]
     # 150 blocks: index and sorted order 150 int32 each, row starts 2 * 13 + 1 int32
     assert weight.sorted_order.numel() == 150 and weight.row_starts.numel() == 27
@@ -307,8 +313,8 @@ def test_gradients_reach_every_used_bucket():
 def test_uncached_indices_give_identical_weights():
     cached, uncached = nn.Linear(40, 30), nn.Linear(40, 30)
     uncached.load_state_dict(cached.state_dict())
-    compress(nn.Sequential(cached), budget=100, exclude=[])
-    report = compress(nn.Sequential(uncached), budget=100, exclude=[], method=HashedNetsConfig(cache_indices=False))
+    compress(nn.Sequential(cached), budget=100, exclude=[], method=HashedNetsConfig(cache_indices=True))
+    report = compress(nn.Sequential(uncached), budget=100, exclude=[])
     assert torch.equal(cached.weight, uncached.weight)
     assert report.cache_bytes == 0
     assert list(uncached.buffers()) == []
@@ -316,7 +322,7 @@ def test_uncached_indices_give_identical_weights():
 
 def test_cache_is_int32_non_persistent_and_reported():
     model = nn.Sequential(nn.Linear(40, 30))
-    report = compress(model, budget=100, exclude=[])
+    report = compress(model, budget=100, exclude=[], method=HashedNetsConfig(cache_indices=True))
     (buffer,) = list(model.buffers())
     assert buffer.dtype == torch.int32 and buffer.numel() == 1200
     assert report.cache_bytes == 4800
@@ -331,7 +337,7 @@ def test_dtypes_are_preserved(dtype):
     assert model(torch.randn(2, 64, dtype=dtype)).dtype == dtype
 
 
-@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted"),
+@pytest.mark.parametrize("config", [HashedNetsConfig(block_size=16), HashedNetsConfig(backward="sorted", cache_indices=True),
                                     HashedNetsConfig(block_size=16, sign_patterns=4)])
 def test_sorted_backward_traces_under_torch_compile(config):
     # aot_eager traces forward and backward as inductor would, without a slow C++ build

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from hf_freqcompress.hashing import bucket_of, hash32, layer_key, sign_bit, signed_buckets, signed_buckets_range
+from hf_freqcompress.hashing import bucket_of, hash32, hash_bits, layer_key, sign_bit
+from hf_freqcompress.methods.hashednets import fold_signed
 
 MASK = 0xFFFFFFFF
 
@@ -41,9 +42,37 @@ def test_hash_is_uniform_and_signs_balanced():
 
 def test_index_and_sign_hashes_are_independent():
     index = torch.arange(100_000)
-    folded = signed_buckets(index, 2, layer_key(0, "w", "index"), layer_key(0, "w", "sign"))
+    keys = torch.tensor(layer_key(0, "w", "index")), torch.tensor(layer_key(0, "w", "sign"))
+    folded = fold_signed(index, *keys, torch.tensor(2))
     joint = torch.bincount(folded, minlength=4).double() / index.numel()
     assert torch.allclose(joint, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)
+
+
+def test_hash_bits_are_hash32_below_2_32_for_int_and_tensor_keys():
+    index = torch.cat([torch.arange(1000), torch.tensor([2**31 - 1, 2**31, 2**32 - 1])])
+    for key in (0, 7, 0xDEADBEEF):
+        expected = hash32(index, key)
+        assert hash_bits(index, key).dtype == torch.int32
+        assert torch.equal(hash_bits(index, key).long() & MASK, expected)
+        assert torch.equal(hash_bits(index, torch.tensor(key)).long() & MASK, expected)
+        assert torch.equal(bucket_of(hash_bits(index, key), 97), bucket_of(expected, 97))
+        assert torch.equal(sign_bit(hash_bits(index, key)), sign_bit(expected))
+
+
+GOLDEN_LAYER_KEYS = {(0, "fc.weight", "index"): 2275634310, (7, "features.0.weight", "sign"): 2966124632,
+                     (123456789, "a.b.c.weight", "index3"): 1051190339}
+GOLDEN_HASH32 = {  # hash32([0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40 + 3], key)
+    0: [0, 824515495, 1722258072, 1747545881, 3192437470, 1029333365, 539527247, 379550018, 187353171],
+    0xDEADBEEF: [1148367058, 3714726861, 1625678284, 2098267516, 1568291893, 2404810588, 4214123531, 443137039,
+                 4108458105],
+}
+
+
+def test_golden_values_pin_every_saved_checkpoint():
+    """Checkpoints store no index: changing these values would silently corrupt every one ever saved."""
+    assert {args: layer_key(*args) for args in GOLDEN_LAYER_KEYS} == GOLDEN_LAYER_KEYS
+    index = torch.tensor([0, 1, 2, 12345, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40 + 3])
+    assert {key: hash32(index, key).tolist() for key in GOLDEN_HASH32} == GOLDEN_HASH32
 
 
 def test_layer_key_depends_on_every_part():
@@ -52,33 +81,20 @@ def test_layer_key_depends_on_every_part():
     assert all(0 <= k <= MASK for k in keys)
 
 
-def test_range_is_chunk_invariant_and_int32(monkeypatch):
-    import hf_freqcompress.hashing as hashing
-
-    whole = signed_buckets_range(10_000, 37, 11, 22)
-    monkeypatch.setattr(hashing, "_CHUNK", 999)
-    chunked = hashing.signed_buckets_range(10_000, 37, 11, 22)
-    assert whole.dtype == torch.int32
-    assert torch.equal(whole, chunked)
-    assert torch.equal(whole.long(), signed_buckets(torch.arange(10_000), 37, 11, 22))
-
-
 def test_hash_identical_in_a_fresh_process():
     code = (
-        "import torch; from hf_freqcompress.hashing import signed_buckets_range, layer_key;"
-        "x = signed_buckets_range(5000, 321, layer_key(7, 'l.weight', 'index'), layer_key(7, 'l.weight', 'sign'));"
-        "print(','.join(map(str, x.tolist())))"
+        "import torch; from hf_freqcompress.hashing import hash32, layer_key;"
+        "print(','.join(map(str, hash32(torch.arange(5000), layer_key(7, 'l.weight', 'index')).tolist())))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    here = signed_buckets_range(5000, 321, layer_key(7, "l.weight", "index"), layer_key(7, "l.weight", "sign"))
-    assert out.strip() == ",".join(map(str, here.tolist()))
+    assert out.strip() == ",".join(map(str, hash32(torch.arange(5000), layer_key(7, "l.weight", "index")).tolist()))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_hash_identical_on_cuda():
-    cpu = signed_buckets_range(100_000, 1000, 3, 4)
-    gpu = signed_buckets_range(100_000, 1000, 3, 4, device="cuda")
-    assert torch.equal(cpu, gpu.cpu())
+    index = torch.arange(100_000)
+    assert torch.equal(hash32(index, 3), hash32(index.cuda(), 3).cpu())
+    assert torch.equal(hash_bits(index, torch.tensor(3)), hash_bits(index.cuda(), torch.tensor(3).cuda()).cpu())
 
 
 def test_bad_inputs():

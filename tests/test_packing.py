@@ -54,3 +54,16 @@ def test_errors_are_clear():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 3, 8)
     with pytest.raises(TypeError, match="uint8"):
         unpack_bits(torch.zeros(3, dtype=torch.int32), 3, 8)
+
+
+def test_unpack_at_a_bit_offset_reads_the_second_of_two_sequences():
+    generator = torch.Generator().manual_seed(0)
+    for (bits_a, count_a), (bits_b, count_b) in [((1, 13), (6, 40)), ((3, 7), (5, 100)), ((8, 3), (8, 5))]:
+        first = torch.randint(0, 2**bits_a, (count_a,), generator=generator)
+        second = torch.randint(0, 2**bits_b, (count_b,), generator=generator)
+        stream = torch.cat([unpack_bits(pack_bits(first, bits_a), 1, count_a * bits_a),
+                            unpack_bits(pack_bits(second, bits_b), 1, count_b * bits_b)])
+        packed = pack_bits(stream, 1)
+        assert torch.equal(unpack_bits(packed, bits_b, count_b, offset=count_a * bits_a), second)
+        with pytest.raises(ValueError, match="truncated"):
+            unpack_bits(packed[:-1], bits_b, count_b, offset=count_a * bits_a)

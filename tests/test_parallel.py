@@ -11,6 +11,8 @@ from torch import nn
 
 from hf_freqcompress import compress
 from hf_freqcompress.methods import FreshNetsConfig, FunHashConfig, HashedNetsConfig, gather, parallel
+from hf_freqcompress.methods import index
+from hf_freqcompress.methods.index import CachedIndex
 from hf_freqcompress.methods.parallel import split_rows
 
 CPU = torch.device("cpu")
@@ -21,7 +23,8 @@ def threads(monkeypatch):
     """Pretend to have ``n`` intra-op threads, split anything of 32+ values per thread, and count the ranges run."""
     runs: list[int] = []
 
-    def set_threads(n: int) -> list[int]:
+    def set_threads(n: int, kernels: str = "eager") -> list[int]:
+        monkeypatch.setenv(index.KERNELS_VARIABLE, kernels)  # compiled folds fuse the forward into one pass
         monkeypatch.setattr(torch, "get_num_threads", lambda: n)
         monkeypatch.setattr(parallel, "MIN_VALUES_PER_THREAD", 32)
         return runs
@@ -55,9 +58,9 @@ def test_split_rows_keeps_one_range_without_threads_work_or_a_cpu(monkeypatch):
     assert split_rows(10**6, 1, 1, torch.device("meta")) == [(0, 10**6)]
 
 
-def _rebuild(config, shape, threads_fixture, n):
+def _rebuild(config, shape, threads_fixture, n, kernels="eager"):
     """Weight and bucket gradient of one compressed layer, with ``n`` pretended threads."""
-    runs = threads_fixture(n)
+    runs = threads_fixture(n, kernels)
     layer = nn.Conv2d(shape[1], shape[0], shape[2:]) if len(shape) == 4 else nn.Linear(shape[1], shape[0])
     torch.manual_seed(0)
     compress(nn.Sequential(layer), budget=1 / 8, exclude=[], method=config, seed=3)
@@ -74,7 +77,7 @@ def test_hashednets_split_at_chunk_boundaries_is_bit_identical_to_one_thread(thr
     weight, grad, runs = _rebuild(config, (40, 60), threads, 3)
     assert runs == [3, 3]  # forward and backward each ran three ranges
     serial_weight, serial_grad, serial_runs = _rebuild(config, (40, 60), threads, 1)
-    assert serial_runs == []  # one range: autograd's own gather and scatter
+    assert serial_runs == [1, 1]  # one range each way
     assert torch.equal(weight, serial_weight) and torch.equal(grad, serial_grad)
 
 
@@ -104,7 +107,7 @@ def test_split_gather_of_tiled_rows_matches_autograd(threads):
     table = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 30, (500,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     upstream = torch.randn(500, 4, dtype=torch.float64)
-    out = gather.gather_rows(table, index)
+    out = gather.gather_rows(table, CachedIndex(index))
     (grad,) = torch.autograd.grad(out, table, upstream)
     expected = table.index_select(0, index)
     (expected_grad,) = torch.autograd.grad(expected, table, upstream)
@@ -142,3 +145,10 @@ def test_a_forked_child_gets_a_working_pool():
     if child.is_alive():
         child.kill()
     assert child.exitcode == 0 and queue.get(timeout=5) == 10  # an inherited pool without threads would hang
+
+
+def test_compiled_fold_fuses_the_forward_and_splits_the_backward(threads):
+    eager_weight, eager_grad, eager_runs = _rebuild(HashedNetsConfig(locality=100), (40, 60), threads, 3)
+    weight, grad, runs = _rebuild(HashedNetsConfig(locality=100), (40, 60), threads, 3, kernels="compile")
+    assert eager_runs == [3, 3] and runs == [3]  # forward: one generated pass; backward: three ranges
+    assert torch.equal(weight, eager_weight) and torch.equal(grad, eager_grad)

@@ -27,7 +27,7 @@ LAYOUTS: dict[str, list[dict]] = {
         {"block_size": 16, "sign_patterns": 4},
         {"locality": 256},
         {"cache_indices": False},
-        {"backward": "sorted"},
+        {"backward": "sorted", "cache_indices": True},
     ],
     "freshnets": [
         {"allocation": "uniform"},

@@ -34,9 +34,10 @@ magnitude is training state too.
 
 Packed form: ``hf_freqcompress.finalize(model)`` ends training for good. The
 layer then keeps the :meth:`pack` stream as its persistent ``packed`` buffer,
-``original`` becomes empty (``finalize_storage``) and the +-1 bank and the
-indices are non-persistent caches decoded from the stream, so the state dict
-(and a saved checkpoint) holds exactly the stream plus the scales. The scales
+``original`` becomes empty (``finalize_storage``) and every forward decodes
+the +-1 bank and the indices from the stream (:meth:`BinaryStackWeight.decode`),
+so the state dict, a saved checkpoint and the memory the layer holds are
+exactly the stream plus the scales. The scales
 still train; the bank and selection are fixed.
 
 Layers: any conv (groups and depthwise included: C is the per-group input
@@ -234,7 +235,7 @@ class BinaryStackWeight(CompressedWeight):
     # -- the weight ---------------------------------------------------------------
     @property
     def frozen(self) -> bool:
-        return self.indices is not None
+        return self.indices is not None or self.is_packed
 
     @property
     def is_packed(self) -> bool:
@@ -248,12 +249,14 @@ class BinaryStackWeight(CompressedWeight):
         if self.is_packed or original.numel() == 0:
             if not self.is_packed:  # a packed checkpoint's empty storage, before its stream is loaded
                 self._enter_packed_form(torch.empty(self._stream_bytes(), dtype=torch.uint8, device=original.device))
-            return self.bank_signs.to(original.dtype)
+            return self.decode(self.packed)[0].to(original.dtype)
         return _straight_through_sign(original)
 
     def selection(self) -> torch.Tensor:
-        """Bank index of every slice, ``(N, S)`` int64: the frozen indices, else the logits' argmax."""
-        return self.indices.long() if self.frozen else self.logits.detach().argmax(-1)
+        """Bank index of every slice, ``(N, S)`` int64: decoded from the stream, the frozen indices, or the logits' argmax."""
+        if self.is_packed:
+            return self.decode(self.packed)[1]
+        return self.indices.long() if self.indices is not None else self.logits.detach().argmax(-1)
 
     def slice_scales(self) -> torch.Tensor:
         """The scale of every slice, ``(N, S)``."""
@@ -308,6 +311,8 @@ class BinaryStackWeight(CompressedWeight):
         assign = (rows @ bank.T).argmax(1)
         sums = torch.zeros_like(bank).index_add_(0, assign, weighted)
         chosen = bank.index_select(0, assign).view_as(x)
+        if self.is_packed:
+            raise ValueError(f"layer {self.spec.name!r} is finalized (packed): its bank and selection are fixed")
         with torch.no_grad():
             self.scale.data = ((x * chosen).sum(reduce, keepdim=True) / chosen.abs().sum(reduce, keepdim=True)).to(weight.dtype)
             if self.frozen:
@@ -358,32 +363,18 @@ class BinaryStackWeight(CompressedWeight):
         return -(-self.layout.stream_bits // 8)
 
     def _enter_packed_form(self, stream: torch.Tensor) -> None:
-        """Adopt ``stream`` as the persistent state; indices and bank become caches decoded from it."""
-        if self.logits is not None:
-            self.logits = None
+        """Adopt ``stream`` as the persistent state; bank and indices are decoded from it on every use."""
+        self.logits = None
+        self.indices = None
         self.packed = stream
-        self._non_persistent_buffers_set.add("indices")
-        self._decode_stream(stream.device)
 
-    def _decode_stream(self, device: torch.device) -> None:
-        """Fill the ``indices`` and ``bank_signs`` caches from ``packed`` (placeholders on the meta device)."""
+    def decode(self, stream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The +-1 bank ``(M, d, *kernel)`` (float) and the ``(N, S)`` int64 indices a :meth:`pack` stream holds."""
         layout = self.layout
-        bank_shape = (layout.bank_size, layout.depth, *layout.kernel)
-        if self.packed.is_meta:
-            self.indices = torch.empty(layout.filters, layout.slices, dtype=torch.int32, device=device)
-            self.register_buffer("bank_signs", torch.empty(bank_shape, device=device), persistent=False)
-            return
-        stream = unpack_bits(self.packed, 1, layout.stream_bits)
         bank_bits = layout.bank_size * layout.filter_numel
-        indices = unpack_bits(pack_bits(stream[bank_bits:], 1), layout.index_bits, layout.filters * layout.slices)
-        self.indices = indices.to(torch.int32).view(layout.filters, layout.slices).to(device)
-        signs = (stream[:bank_bits].to(self.scale.dtype) * 2 - 1).view(bank_shape).to(device)
-        self.register_buffer("bank_signs", signs, persistent=False)
-
-    def rebuild_caches(self, device: torch.device) -> None:
-        """The packed form's caches derive from the loaded stream: decode it, never copy a fresh twin."""
-        if self.is_packed:
-            self._decode_stream(device)
+        bank = unpack_bits(stream[: -(-bank_bits // 8)], 1, bank_bits).to(self.scale.dtype) * 2 - 1
+        indices = unpack_bits(stream, layout.index_bits, layout.filters * layout.slices, offset=bank_bits)
+        return bank.view(layout.bank_size, layout.depth, *layout.kernel), indices.view(layout.filters, layout.slices)
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
         # a frozen (indices) or packed (stream) checkpoint loads into a freshly compressed layer
@@ -393,8 +384,6 @@ class BinaryStackWeight(CompressedWeight):
         elif prefix + "indices" in state_dict:
             self.freeze()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self.is_packed and not self.packed.is_meta:
-            self._decode_stream(self.packed.device)
 
     # -- accounting -----------------------------------------------------------------
     def extra_values(self) -> int:
@@ -443,14 +432,11 @@ class BinaryStackWeight(CompressedWeight):
         scale = packed["scale"]
         if tuple(scale.shape) != layout.scale_shape:
             raise ValueError(f"layer {self.spec.name!r}: packed scale has shape {tuple(scale.shape)}, expected {layout.scale_shape}")
-        stream = unpack_bits(packed["bits"], 1, layout.stream_bits)
-        bank_bits = layout.bank_size * layout.filter_numel
-        indices = unpack_bits(pack_bits(stream[bank_bits:], 1), layout.index_bits, layout.filters * layout.slices)
+        bank, indices = self.decode(packed["bits"])
         if indices.numel() and int(indices.max()) >= layout.bank_size:
             raise ValueError(f"layer {self.spec.name!r}: packed index {int(indices.max())} >= bank size {layout.bank_size}")
         self.freeze()
         with torch.no_grad():
-            self.indices.copy_(indices.view(layout.filters, layout.slices))
+            self.indices.copy_(indices)
             self.scale.data = scale.to(self.scale.device, self.scale.dtype).clone()
-        bank = stream[:bank_bits].to(self.scale.dtype) * 2 - 1
-        return bank.view(layout.bank_size, layout.depth, *layout.kernel).to(self.scale.device)
+        return bank.to(self.scale.device)

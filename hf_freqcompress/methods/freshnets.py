@@ -78,13 +78,14 @@ import torch
 
 from ..budget import split_proportional
 from ..dct import dct, frequency_sum, idct, trailing_idct_matrix
-from ..hashing import hash32, int32_range_map, layer_key, local_bucket, sign_bit
+from ..hashing import bucket_of, chunk_slices, hash_bits, layer_key, sign_bit
 from .base import LayerSpec
 from .gather import gather_transform
 from .hashednets import HashedNetsConfig, HashedNetsWeight
+from .index import HashedIndex
 from .registry import register_method
 
-__all__ = ["FreshNetsConfig", "FreshNetsWeight", "band_sizes", "band_rates", "allocate_buckets"]
+__all__ = ["FreshNetsConfig", "FreshNetsWeight", "band_sizes", "band_rates", "allocate_buckets", "fold_bands", "fold_bands_local"]
 
 ALLOCATIONS = ("beta", "uniform")
 
@@ -147,6 +148,25 @@ def allocate_buckets(sizes: Sequence[int], buckets: int, config: FreshNetsConfig
     return split_proportional([n * r for n, r in zip(sizes, rates)], buckets, [1] * len(sizes), list(sizes))
 
 
+def fold_bands(
+    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+    offset: torch.Tensor, total: torch.Tensor,
+) -> torch.Tensor:
+    """o_g + h_g(i) + K [s_g(i) < 0] for positions (filters, kernel_numel); per-column band keys, K_g and o_g."""
+    return offset + bucket_of(hash_bits(position, index_key), buckets) + total * sign_bit(hash_bits(position, sign_key))
+
+
+def fold_bands_local(
+    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+    offset: torch.Tensor, total: torch.Tensor, kernel_numel: torch.Tensor, filters: torch.Tensor,
+    locality: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fold_bands` with each band's hash mapped into the slice of its table owned by the filter's chunk."""
+    first, count = chunk_slices(position[:, :1] // kernel_numel, filters, buckets, locality)
+    hashed = first + bucket_of(hash_bits(position, index_key), count)
+    return offset + hashed + total * sign_bit(hash_bits(position, sign_key))
+
+
 @register_method
 class FreshNetsWeight(HashedNetsWeight):
     """Hashed DCT coefficients with one bucket table per frequency band (module docstring)."""
@@ -167,39 +187,28 @@ class FreshNetsWeight(HashedNetsWeight):
         """One bucket per frequency band (G = sum(k_a - 1) + 1); 1 for the HashedNets fallback."""
         return sum(k - 1 for k in spec.kernel_shape) + 1
 
-    def _kernel_tables(self, device: torch.device | None) -> torch.Tensor:
-        """(4, kernel_numel) int64: index key, sign key, bucket count K_g and offset o_g of each kernel position's band."""
-        offsets = [sum(self.band_buckets[:g]) for g in range(len(self.band_buckets))]
-        per_band = torch.tensor(
-            [
-                [layer_key(self.seed, self.spec.name, f"index{g}") for g in range(len(offsets))],
-                [layer_key(self.seed, self.spec.name, f"sign{g}") for g in range(len(offsets))],
-                list(self.band_buckets),
-                offsets,
-            ],
-            dtype=torch.int64,
-        )
-        kernel = self.spec.kernel_shape
-        band = frequency_sum(kernel, range(len(kernel))).reshape(-1)
-        return per_band[:, band].to(device)
+    def hashed_index(self) -> HashedIndex:
+        """One unit per filter, one position per kernel position: band g's keys, K_g and offset o_g per column.
 
-    def _compute_index(self, device: torch.device | None) -> torch.Tensor:
+        Locality chunks whole filters (ceil(L / kernel_numel) of them; 0 stays global) per band.
+        """
         if not self.kernel_dims:
-            return super()._compute_index(device)
-        total = self.buckets
-        if 2 * total >= 2**31:
-            raise ValueError(f"layer {self.spec.name!r}: {total} buckets do not fit an int32 signed index; use fewer than 2**30")
-        index_key, sign_key, buckets, offset = self._kernel_tables(device)
+            return super().hashed_index()
+        offsets = [sum(self.band_buckets[:g]) for g in range(len(self.band_buckets))]
+        per_band = [
+            [layer_key(self.seed, self.spec.name, f"index{g}") for g in range(len(offsets))],
+            [layer_key(self.seed, self.spec.name, f"sign{g}") for g in range(len(offsets))],
+            list(self.band_buckets),
+            offsets,
+        ]
+        band = frequency_sum(self.spec.kernel_shape, range(len(self.spec.kernel_shape))).reshape(-1).tolist()
+        columns = [[row[g] for g in band] for row in per_band]
         kernel_numel = self.spec.kernel_numel
         filters = self.spec.numel // kernel_numel
-        locality = -(-self.locality // kernel_numel)  # whole filters per chunk; 0 stays global
-
-        def fold(position: torch.Tensor) -> torch.Tensor:  # (filters, kernel_numel) flat positions
-            folded = local_bucket(hash32(position, index_key), position[:, :1] // kernel_numel, filters, buckets, locality)
-            folded += offset + total * sign_bit(hash32(position, sign_key))
-            return folded
-
-        return int32_range_map(self.spec.numel, fold, row=self.spec.kernel_numel, device=device)
+        if self.locality:
+            locality = -(-self.locality // kernel_numel)
+            return HashedIndex(fold_bands_local, (*columns, self.buckets, kernel_numel, filters, locality), filters, kernel_numel)
+        return HashedIndex(fold_bands, (*columns, self.buckets), filters, kernel_numel)
 
     def _split_align(self) -> int:
         """Bands chunk their filters at different lengths, so no cut avoids sharing a bucket: any cut will do."""
@@ -211,8 +220,7 @@ class FreshNetsWeight(HashedNetsWeight):
         inverse = trailing_idct_matrix(self.spec.shape, self.kernel_dims, original.dtype, original.device)
         if inverse is None or self._plan() is not None:
             return idct(super().reconstruct(original), self.kernel_dims)
-        index = self._index(original.device).view(-1, self.spec.kernel_numel)
-        return gather_transform(self._table(original), index, inverse).view(self.spec.shape)
+        return gather_transform(self._table(original), self.index_source(), inverse).view(self.spec.shape)
 
     def project(self, weight: torch.Tensor) -> torch.Tensor:
         return super().project(dct(weight, self.kernel_dims))

@@ -80,9 +80,11 @@ import torch
 from torch import nn
 
 from ..dct import dct, idct
-from ..hashing import layer_key, signed_buckets_range
+from ..hashing import layer_key
 from .base import CompressedWeight, LayerSpec, MethodConfig
 from .gather import gather_rows
+from .hashednets import fold_signed
+from .index import CachedIndex, HashedIndex, IndexSource
 from .registry import register_method
 
 __all__ = ["FunHashConfig", "FunHashWeight"]
@@ -107,7 +109,7 @@ class FunHashConfig(MethodConfig):
     reconstruction: str = "mlp"
     shared_space: bool = False
     frequency_domain: bool = False
-    cache_indices: bool = True
+    cache_indices: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.num_hashes, bool) or not isinstance(self.num_hashes, int) or self.num_hashes < 1:
@@ -406,16 +408,17 @@ class FunHashWeight(CompressedWeight):
         if 2 * buckets >= 2**31:
             raise ValueError(f"layer {self.spec.name!r}: {buckets} funhash values do not fit an int32 index")
         self.space_size = buckets
+        self._hashed = [HashedIndex(fold_signed, (*keys, buckets), self.spec.numel) for keys in self._keys]
         if self.config.cache_indices:
-            self.signed_index = torch.stack([self._hash(u, device) for u in range(self.hashes)])
+            self.signed_index = torch.stack([source.materialize(device) for source in self._hashed])
 
-    def _hash(self, u: int, device: torch.device | None) -> torch.Tensor:
-        index_key, sign_key = self._keys[u]
-        return signed_buckets_range(self.spec.numel, self.space_size, index_key, sign_key, device=device)
+    def rebuild_caches(self, device: torch.device) -> None:
+        """The index cache follows the current space size (a shared space is sized by ``prepare_group``)."""
+        self._set_space_size(self.space_size, device)
 
-    def _index(self, u: int, device: torch.device) -> torch.Tensor:
-        """Folded index of hash u: h_u(i) + K [xi_u(i) < 0], int32 (N,)."""
-        return self.signed_index[u] if self.signed_index is not None else self._hash(u, device)
+    def _source(self, u: int) -> IndexSource:
+        """Where hash u reads: h_u(i) + K [xi_u(i) < 0], cached or hashed on the fly."""
+        return self._hashed[u] if self.signed_index is None else CachedIndex(self.signed_index[u])
 
     # -- shared space -------------------------------------------------------------
     @classmethod
@@ -464,7 +467,7 @@ class FunHashWeight(CompressedWeight):
         for d in range(first.shape[1]):
             column = None
             for u in range(self.hashes):
-                gathered = gather_rows(first[u, d] * signed, self._index(u, values.device))
+                gathered = gather_rows(first[u, d] * signed, self._source(u))
                 column = gathered if column is None else column + gathered
             columns.append(column)
         return columns
@@ -503,7 +506,11 @@ class FunHashWeight(CompressedWeight):
         return coefficients.reshape(-1).double()
 
     def _indices(self, device: torch.device) -> list[torch.Tensor]:
-        return [self._index(u, device) for u in range(self.hashes)]
+        """Every hash's full folded index, int32, for the least-squares fits (compress time only)."""
+        return [
+            self.signed_index[u] if self.signed_index is not None else self._hashed[u].materialize(device)
+            for u in range(self.hashes)
+        ]
 
     def _linear_fit(self, target: torch.Tensor) -> _Fit:
         """target ~ A w with g replaced by its slope at 0."""

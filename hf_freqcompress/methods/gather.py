@@ -57,6 +57,7 @@ from collections.abc import Callable
 
 import torch
 
+from .index import CachedIndex, IndexSource
 from .parallel import run_ranges, split_rows, sum_in_order
 
 __all__ = ["gather_rows", "gather_transform", "segment_sum_csr", "segment_sum_sorted", "sort_rows"]
@@ -126,43 +127,48 @@ def _scatter_ranges(
     return sum_in_order(run_ranges(one_range, ranges))
 
 
-class _SplitGather(torch.autograd.Function):
+class _SourceGather(torch.autograd.Function):
+    """``table`` rows read by every unit of an :class:`~.index.IndexSource`; the backward scatters per range."""
+
     @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor, ranges: list[tuple[int, int]]):
-        ctx.save_for_backward(index)
-        ctx.table_shape, ctx.ranges = table.shape, ranges
-        out = torch.empty((index.shape[0], *table.shape[1:]), dtype=table.dtype, device=table.device)
-        run_ranges(lambda start, stop: torch.index_select(table, 0, index[start:stop], out=out[start:stop]), ranges)
+    def forward(ctx, table: torch.Tensor, source: IndexSource, ranges: list[tuple[int, int]]):
+        ctx.table_shape, ctx.source, ctx.ranges = table.shape, source, ranges
+        if source.fused(table.device):  # one generated pass over every unit, on every thread
+            return source.take(table, 0, source.units)
+        width = source.width
+        out = torch.empty((source.units * width, *table.shape[1:]), dtype=table.dtype, device=table.device)
+        run_ranges(lambda start, stop: source.take_into(table, start, stop, out[start * width : stop * width]), ranges)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (index,) = ctx.saved_tensors
         grad = grad.contiguous()
+        source: IndexSource = ctx.source
 
         def scatter(table: torch.Tensor, start: int, stop: int) -> None:
-            table.index_add_(0, index[start:stop], grad[start:stop])
+            source.scatter_add(table, grad, start, stop)
 
         return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
 
 
-def gather_rows(table: torch.Tensor, index: torch.Tensor, plan: SortedRows | None = None, align: int = 1) -> torch.Tensor:
-    """``table.index_select(0, index)``, differentiable in ``table``.
+def gather_rows(table: torch.Tensor, source: IndexSource, plan: SortedRows | None = None, align: int = 1) -> torch.Tensor:
+    """``table.index_select(0, index)`` for the index of every unit of ``source``, differentiable in ``table``.
 
-    With a ``plan`` from :func:`sort_rows` the backward is the sorted segment
-    sum (deterministic); without one it is a scatter, split over CPU threads
-    for large gathers (:mod:`.parallel`) at multiples of ``align`` units: pass
-    the chunk length of cache-local hashing, so that no bucket is scattered
-    into from two threads and the gradient equals the single-thread one.
+    With a ``plan`` from :func:`sort_rows` (a cached index only) the backward
+    is the sorted segment sum (deterministic); without one it is a scatter,
+    split over CPU threads for large gathers (:mod:`.parallel`) at multiples
+    of ``align`` units: pass the chunk length of cache-local hashing, so that
+    no bucket is scattered into from two threads and the gradient equals the
+    single-thread one. A hashed source recomputes its index in the backward.
     """
     if plan is not None:
-        return _SortedGather.apply(table, index, *plan)
-    if torch.compiler.is_compiling():
-        return table.index_select(0, index)
-    ranges = split_rows(index.shape[0], math.prod(table.shape[1:]), align, table.device)
-    if len(ranges) == 1:
-        return table.index_select(0, index)
-    return _SplitGather.apply(table, index, ranges)
+        return _SortedGather.apply(table, source.index, *plan)
+    if torch.compiler.is_compiling():  # traced inline: the compiler fuses the fold and the gather
+        return table.index_select(0, source.rows(0, source.units, table.device).reshape(-1))
+    ranges = split_rows(source.units, source.width * math.prod(table.shape[1:]), align, table.device)
+    if len(ranges) == 1 and isinstance(source, CachedIndex):
+        return table.index_select(0, source.index)
+    return _SourceGather.apply(table, source, ranges)
 
 
 _MIN_PRODUCT_WIDTH = 16  # narrower right-hand matrices are widened block-diagonally (module docstring)
@@ -203,10 +209,10 @@ def _chunks(
 
 class _GatherTransform(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor, matrix: torch.Tensor):
-        ctx.save_for_backward(index, matrix)
-        ctx.table_shape = table.shape
-        rows, width = index.shape
+    def forward(ctx, table: torch.Tensor, source: IndexSource, matrix: torch.Tensor):
+        ctx.save_for_backward(matrix)
+        ctx.table_shape, ctx.source = table.shape, source
+        rows, width = source.units, source.width
         row_map = _RowMap(matrix)
         ctx.ranges = split_rows(rows, width, _chunk_rows(width, row_map.groups), table.device)
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
@@ -215,7 +221,7 @@ class _GatherTransform(torch.autograd.Function):
             chunks, gathered = _chunks(first, last, width, row_map.groups, table)
             for start, stop in chunks:
                 chunk = gathered[: stop - start]
-                torch.index_select(table, 0, index[start:stop].reshape(-1), out=chunk.view(-1))
+                source.take_into(table, start, stop, chunk.view(-1))
                 row_map.product(chunk, out[start:stop])
 
         run_ranges(transform, ctx.ranges)
@@ -223,9 +229,10 @@ class _GatherTransform(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        index, matrix = ctx.saved_tensors
+        (matrix,) = ctx.saved_tensors
+        source: IndexSource = ctx.source
         grad = grad.contiguous()
-        width = index.shape[1]
+        width = source.width
         row_map = _RowMap(matrix.mT)
 
         def scatter(grad_table: torch.Tensor, first: int, last: int) -> None:
@@ -233,20 +240,23 @@ class _GatherTransform(torch.autograd.Function):
             for start, stop in chunks:
                 chunk = transformed[: stop - start]
                 row_map.product(grad[start:stop], chunk)
-                grad_table.index_add_(0, index[start:stop].reshape(-1), chunk.view(-1))
+                grad_table.index_add_(0, source.rows(start, stop, grad.device).reshape(-1), chunk.view(-1))
 
         return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
 
 
-def gather_transform(table: torch.Tensor, index: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-    """``table.index_select(0, index.view(-1)).view(index.shape) @ matrix``, differentiable in ``table``.
+def gather_transform(table: torch.Tensor, source: IndexSource, matrix: torch.Tensor) -> torch.Tensor:
+    """``table.index_select(0, index.view(-1)).view(units, m) @ matrix``, differentiable in ``table``.
 
-    ``table`` is 1-D, ``index`` (rows, m) and ``matrix`` (m, m), a constant.
-    Computed in cache-sized chunks (module docstring), large tensors on
-    several CPU threads (:mod:`.parallel`), cut between chunks; the backward
-    scatters like autograd's. Under ``torch.compile`` the plain expression is
-    traced instead, for the compiler to schedule.
+    ``table`` is 1-D, ``source`` gives m positions per unit (one filter's
+    kernel) and ``matrix`` (m, m) is a constant. Computed in cache-sized
+    chunks (module docstring), large tensors on several CPU threads
+    (:mod:`.parallel`), cut between chunks; the backward scatters like
+    autograd's, a hashed source recomputing each chunk's index. Under
+    ``torch.compile`` the plain expression is traced instead, for the
+    compiler to schedule.
     """
     if torch.compiler.is_compiling():
+        index = source.rows(0, source.units, table.device)
         return table.index_select(0, index.reshape(-1)).view(index.shape) @ matrix
-    return _GatherTransform.apply(table, index, matrix)
+    return _GatherTransform.apply(table, source, matrix)

@@ -5,98 +5,54 @@ an index hash h and a sign hash, both pure functions of (seed, weight name,
 flat index). The sign hash makes collisions unbiased: two weights sharing a
 bucket with opposite signs cancel in expectation instead of adding up.
 
-Reconstruction is one gather from ``cat([v, -v])`` with a folded int32 index
-``h(i) + K * [sign(i) < 0]`` (see :func:`~hf_freqcompress.hashing.signed_buckets`).
-The index is cached as a non-persistent int32 buffer by default (4 bytes per
-virtual weight, reported by ``cache_bytes``); ``cache_indices=False``
-recomputes it every forward and holds no cache.
+Reconstruction is one gather from ``cat([v, -v])`` with the folded index
+``h(i) + K * [sign(i) < 0]`` (:func:`fold_signed`). The index is not stored:
+it is hashed again wherever it is needed, fused with the gather when
+``torch.compile`` works (:mod:`.index`), so a compressed layer holds its K
+values and nothing of the dense size. ``cache_indices=True`` keeps it as an
+int32 buffer instead (4 bytes per weight: as large as the dense weight).
 
-Tiled layout (``block_size`` = B > 1, ROAST: Desai et al. 2023). The K values
-are read as R = ceil(K / B) rows of B (wrapping around to the start of ``v``
-when B does not divide K, so every stored value is used and the budget stays
-exact). The flat weight is cut into blocks of B consecutive weights, and
-block j reads the whole row h(j) with one sign s(j), the same hashes as
-above applied to the block number:
+Least squares (``right_inverse``): minimising sum_i (w_i - s_i v_h(i))^2
+decouples per bucket, v_k = mean of s_i w_i over the weights in bucket k.
 
-    W[j B + t] = s(j) * v[(h(j) B + t) mod K],   t = 0 .. B-1.
+Tiled layout (``block_size`` = B > 1, after ROAST, Desai et al. 2023). The K
+values are read as R = ceil(K / B) rows of B (wrapping around to the start
+of ``v`` so every value is used and the budget stays exact); block j of B
+consecutive weights reads the whole row h(j) with one sign s(j):
 
-Reconstruction is then a gather of contiguous rows (near a memory copy), and
-the index cache shrinks B-fold. B = 1 is per-weight HashedNets, bit for bit.
-Each weight still reads exactly one value with one sign, so the least-squares
-projection is the same signed bucket mean over the expanded element index.
+    W[j B + t] = s(j) * v[(h(j) B + t) mod K],   t = 0 .. B-1,
 
-Sign patterns (``sign_patterns`` = P > 1, tiled layout only). With one sign
-per block, two blocks that read the same row are exact copies of each other
-up to sign, and a block's weights cannot differ in sign from the row they
-share. ROAST gives every weight its own hashed sign; that would cost a sign
-per weight in the cache and a multiply on every rebuild. Here each block
-also draws one of P fixed random sign patterns r_p (B signs each, hashed from
-the seed):
+a gather of contiguous rows and B times fewer hashes. B = 1 is per-weight
+HashedNets, bit for bit. With ``sign_patterns`` = P > 1 each block also
+draws one of P hashed sign patterns r_p of B signs, so blocks that share a
+row differ and signs vary inside a block:
 
-    W[j B + t] = s(j) * r_{p(j)}[t] * v[(h(j) B + t) mod K],
+    W[j B + t] = s(j) * r_{p(j)}[t] * v[(h(j) B + t) mod K];
 
-so blocks sharing a row differ unless they drew the same pattern (chance
-1/P), and signs vary inside a block. The table becomes the P patterned
-copies of the rows, ``cat([r_p * T, -r_p * T])`` for every p, and the index
-folds the pattern in: reconstruction stays one gather of contiguous rows,
-from a table P times larger (2 P K values, built on every forward, so keep
-P K well under the layer's size). MNIST 784-1000-10 at 1/64, blocks of 64,
-3 seeds (docs/results/perf.md, "Sign patterns"): per-weight hashing 3.20%
-test error, one sign per block 4.65%, 4 patterns 3.45%, 16 patterns 3.31%.
-P = 1 (default) is the layout above, bit for bit, so existing checkpoints
-load unchanged.
+the table becomes the P patterned signed copies of the rows (2 P K values,
+built every forward), still one gather (:func:`fold_patterned`).
 
-Cache-local hashing (``locality`` = L > 0). Per-weight hashing reads a
-random entry of a table of 2K values for every weight, and the backward
-scatters into a random entry again: once the table outgrows the CPU caches
-(vgg11_bn's 7x7x512x4096 pre-logits conv: K = 6.4M at 1/16, a 51 MB signed
-table) that is one cache miss per weight in each direction. With L > 0 the
-flat weight is cut into chunks of L consecutive weights and each chunk hashes
-into its own contiguous slice of the buckets, proportional to its size
-(:func:`~hf_freqcompress.hashing.chunk_slices`):
+Cache-local hashing (``locality`` = L > 0). A gather or scatter over a
+table larger than the CPU caches misses the cache on every weight. With
+L > 0 the flat weight is cut into chunks of L consecutive weights and each
+chunk hashes, with the same hashes, into its own contiguous slice of the
+buckets, proportional to its size (:func:`~hf_freqcompress.hashing.chunk_slices`,
+:func:`fold_signed_local`): only which weights may collide changes. The
+slices tile the K buckets exactly; chunks grow to ceil(N / K) weights where L
+is smaller, so every slice keeps a bucket, and a layer of at most L weights
+is one chunk: global hashing, bit for bit. ``"auto"`` uses
+:data:`AUTO_LOCALITY` for layers of more than :data:`LOCAL_ABOVE_BUCKETS`
+buckets (a signed float32 table beyond 4 MiB) and global hashing for the
+rest, as the paper hashes them.
 
-    W[i] = s(i) * v[first(c) + h(i) mod* count(c)],   c = i // L,
-
-with the same index and sign hashes as above (mod* is the multiply-shift of
-:func:`~hf_freqcompress.hashing.bucket_of`). Every weight still has its own
-independent bucket and sign within its slice; only which weights may collide
-changes (weights of the same chunk, not of the whole layer). The slices tile
-the K buckets exactly, so the budget is unchanged and every bucket is
-reachable; a chunk touches K L / N buckets of each half of the signed table
-(16 KiB per half at L = 2**16 and 1/16), which stay in L1/L2 while the chunk
-is gathered or scattered. Chunks grow to ceil(N / K) weights where L is
-smaller, so that every slice keeps a bucket. A layer of at most L weights is
-one chunk: global hashing, bit for bit. The least-squares projection is the
-same signed bucket mean over the element index.
-
-Threads. Large layers are gathered and scattered on every CPU thread, one
-range of weights each (:mod:`.parallel`). Cut at chunk boundaries, the ranges
-share no bucket, so the gradient of a cache-local layer is the same bits at
-any thread count; under global hashing the ranges' partial gradients of a
-shared bucket are summed in a fixed order (same bits per thread count, equal
-up to rounding across counts).
-
-Measured (CPU, 1 thread, docs/results/perf.md): rebuilding that vgg11_bn
-layer forward and backward costs 14x a ``clone()`` of its dense weight with
-global hashing and 2.1-3.4x with any L from 2**12 to 2**18 (no trend beyond
-the noise; ``benchmarks/locality.py``); vgg11_bn's train step goes from 1.73x
-dense to 1.10x at L = 2**16, and MNIST 784-1000-10 error is unchanged (1.82%
-against 1.83% at 1/8, 2.85% both at 1/64, validation split, mean of 5 seeds).
-2**16 is the value ``"auto"`` (the default) takes for layers of more than
-2**19 buckets, whose signed table (over 4 MiB) leaves a core's cache: the
-largest L measured as fast, so collisions stay spread over as many weights as
-the cache allows, and its slice still fits L2 up to budget 1/2. Smaller
-layers keep global hashing under ``"auto"``, bit for bit as the paper (and
-every MNIST result in docs/results) hashes them. The sorted backward was
-slower here (4.1x against 2.3x a clone on vgg11_bn, twice the cache memory),
-so ``backward="auto"`` keeps the scatter.
-
-Backward. ``backward="sorted"`` caches a bucket-sorted plan of the gather
-(:mod:`.gather`) so the gradient is a deterministic segment sum instead of a
-scatter (atomics on CUDA). ``"auto"`` (default) picks it for the tiled layout,
-whose plan is small (one entry per block), and the scatter for per-weight
-hashing, where the plan would cost 4 B per weight and measured no faster on
-CPU (docs/results/perf.md).
+Threads and backward. Large layers scatter their gradient on every CPU
+thread, one range of weights each (:mod:`.parallel`); cut at chunk
+boundaries the ranges share no bucket, so a cache-local layer's gradient is
+the same bits at any thread count. ``backward="sorted"`` (with
+``cache_indices``) caches a bucket-sorted plan so the gradient is a
+deterministic segment sum instead of a scatter (atomics on CUDA); ``"auto"``
+picks it for a cached tiled layout, whose plan is one entry per block.
+Measurements behind these defaults: docs/results/perf.md.
 """
 
 from __future__ import annotations
@@ -105,18 +61,42 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hashing import bucket_of, chunk_length, hash32, layer_key, sign_bit, signed_buckets_range
+from ..hashing import bucket_of, chunk_length, chunk_slices, hash32, hash_bits, layer_key, sign_bit
 from .base import CompressedWeight, MethodConfig
 from .gather import SortedRows, gather_rows, sort_rows
+from .index import CachedIndex, HashedIndex, IndexSource
 from .registry import register_method
 
-__all__ = ["HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means"]
+__all__ = ["HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means", "fold_signed", "fold_signed_local", "fold_patterned"]
 
 BACKWARDS = ("auto", "scatter", "sorted")
 AUTO_LOCALITY = 65536
 """Chunk length of ``locality="auto"`` on large layers (the fastest measured, docs/results/perf.md)."""
 LOCAL_ABOVE_BUCKETS = 2**19
 """``locality="auto"`` hashes layers with more buckets than this cache-locally: a signed float32 table beyond 4 MiB."""
+
+
+def fold_signed(position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+    """h(i) + K [s(i) < 0]: which of the 2K signed values position i reads (global hashing)."""
+    return bucket_of(hash_bits(position, index_key), buckets) + buckets * sign_bit(hash_bits(position, sign_key))
+
+
+def fold_signed_local(
+    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+    numel: torch.Tensor, locality: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fold_signed` with the index hash mapped into the slice of the buckets owned by the position's chunk."""
+    first, count = chunk_slices(position, numel, buckets, locality)
+    return first + bucket_of(hash_bits(position, index_key), count) + buckets * sign_bit(hash_bits(position, sign_key))
+
+
+def fold_patterned(
+    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, rows: torch.Tensor,
+    pattern_key: torch.Tensor, patterns: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fold_signed` of a block, offset into the copy of the signed table of the block's sign pattern."""
+    pattern = bucket_of(hash_bits(position, pattern_key), patterns)
+    return fold_signed(position, index_key, sign_key, rows) + 2 * rows * pattern
 
 
 def signed_bucket_means(weight: torch.Tensor, signed_index: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -137,31 +117,26 @@ def signed_bucket_means(weight: torch.Tensor, signed_index: torch.Tensor, bucket
 
 @dataclass
 class HashedNetsConfig(MethodConfig):
-    """Options of ``hashednets``.
+    """Options of ``hashednets`` (the module docstring has the formulas).
 
-    cache_indices: keep the folded hash index as an int32 buffer (fast, 4 B
-    per hashed unit) instead of rehashing on every forward.
+    cache_indices: keep the folded index as an int32 buffer (4 B per hashed
+    unit) instead of hashing it again on every forward and backward (the
+    default: no dense-size state).
     block_size: weights per hashed block; 1 hashes every weight (the paper),
-    B > 1 is the tiled ROAST layout (module docstring).
+    B > 1 is the tiled layout.
     locality: 0 hashes every weight into all K buckets (the paper); L > 0
     hashes each chunk of L consecutive weights into its own proportional
-    slice of the buckets, so the part of the table it touches stays in cache
-    (module docstring; 65536 measured as fast as any and as accurate as 0).
-    "auto" (default) is 65536 for layers whose signed table outgrows a
-    core's cache (more than ``LOCAL_ABOVE_BUCKETS`` buckets) and 0 for the
-    rest, so small layers hash exactly as the paper does. Per-weight hashing
-    only: the tiled layout's rows are contiguous reads already.
-    backward: "scatter" (autograd's index_add_), "sorted" (cached sorted plan,
-    deterministic segment sum; needs ``cache_indices``) or "auto" (sorted iff
-    block_size > 1 and indices are cached).
-    sign_patterns: P random sign patterns a block chooses from (module
-    docstring), so weights inside a block and blocks sharing a row differ in
-    sign; tiled layout only. 1 (default) is one sign per block; 4 measured
-    near per-weight hashing's accuracy.
+    slice of the buckets, so the part of the table it touches stays in cache;
+    "auto" (default) is ``AUTO_LOCALITY`` for layers of more than
+    ``LOCAL_ABOVE_BUCKETS`` buckets and 0 for the rest. Per-weight hashing only.
+    backward: "scatter", "sorted" (a cached sorted plan, deterministic segment
+    sum; needs ``cache_indices``) or "auto" (sorted iff the index is cached and
+    block_size > 1).
+    sign_patterns: P hashed sign patterns a block chooses from (tiled layout only).
     """
 
     method = "hashednets"
-    cache_indices: bool = True
+    cache_indices: bool = False
     block_size: int = 1
     backward: str = "auto"
     locality: int | str = "auto"
@@ -237,30 +212,31 @@ class HashedNetsWeight(CompressedWeight):
         signs = (1 - 2 * negative).float().view(self.sign_patterns, 1, 1, self.block_size)
         return torch.cat([signs, -signs], dim=1)
 
-    def _compute_index(self, device: torch.device | None) -> torch.Tensor:
-        """Folded row index in [0, table_rows) of every block (every weight when block_size is 1).
+    def hashed_index(self) -> HashedIndex:
+        """Folded row index in [0, table_rows) of every block (every weight when block_size is 1), on demand.
 
         ``signed row + 2 * rows * pattern``: the signed row as without patterns,
         offset into the block's pattern's copy of the signed table.
         """
-        folded = signed_buckets_range(
-            self.blocks, self.rows, self._index_key, self._sign_key, locality=self.locality, device=device
-        )
+        keys = (self._index_key, self._sign_key)
         if self.sign_patterns > 1:
-            blocks = torch.arange(self.blocks, device=device)
-            folded += (2 * self.rows * bucket_of(hash32(blocks, self._pattern_key), self.sign_patterns)).int()
-        return folded
+            return HashedIndex(fold_patterned, (*keys, self.rows, self._pattern_key, self.sign_patterns), self.blocks)
+        if self.locality:
+            return HashedIndex(fold_signed_local, (*keys, self.rows, self.blocks, self.locality), self.blocks)
+        return HashedIndex(fold_signed, (*keys, self.rows), self.blocks)
 
     def rebuild_caches(self, device: torch.device | None) -> None:
         self.signed_patterns = self._compute_signed_patterns(device)  # tiny, needed with or without the index cache
+        self._hashed = self.hashed_index()
         if not self.config.cache_indices:
             return
-        self.signed_index = self._compute_index(device)
+        self.signed_index = self._hashed.materialize(device)
         if self.config.sorted_backward:
             self.sorted_order, self.row_starts = sort_rows(self.signed_index, self.table_rows)
 
-    def _index(self, device: torch.device) -> torch.Tensor:
-        return self.signed_index if self.signed_index is not None else self._compute_index(device)
+    def index_source(self) -> IndexSource:
+        """The cached index when ``cache_indices``, else the hashes, evaluated where they are used."""
+        return self._hashed if self.signed_index is None else CachedIndex(self.signed_index, self._hashed.width)
 
     def _plan(self) -> SortedRows | None:
         return None if self.sorted_order is None else (self.sorted_order, self.row_starts)
@@ -283,17 +259,17 @@ class HashedNetsWeight(CompressedWeight):
         return chunk_length(self.blocks, self.rows, self.locality) if self.locality else 1
 
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        index = self._index(original.device)
-        flat = gather_rows(self._table(original), index, self._plan(), self._split_align()).reshape(-1)
+        flat = gather_rows(self._table(original), self.index_source(), self._plan(), self._split_align()).reshape(-1)
         if flat.numel() != self.spec.numel:  # a partial last block
             flat = flat[: self.spec.numel]
         return flat.view(self.spec.shape)
 
     def _element_index(self, device: torch.device) -> torch.Tensor:
         """Folded value index in [0, 2K) of every weight: which value and sign it reads."""
+        source = self.index_source()
+        folded = source.rows(0, source.units, device).long()
         if self.block_size == 1:  # already per weight; skips N int64 divisions when compressing
-            return self._index(device)
-        folded = self._index(device).long().unsqueeze(1)
+            return folded.view(-1)
         pattern, signed_row = folded.div(2 * self.rows, rounding_mode="floor"), folded % (2 * self.rows)
         negative = signed_row >= self.rows
         row = signed_row - self.rows * negative

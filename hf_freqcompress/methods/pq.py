@@ -35,9 +35,9 @@ never exceeds ``A * storage_bits``.
 In the module: the parametrization's ``original`` is the codebook tensor
 (g, k, d), trainable, so fine-tuning after PQ moves centroids while codes
 stay fixed. The codes are the persistent ``uint8`` buffer ``packed_codes``
-(what a checkpoint saves); the forward pass gathers through a
-non-persistent int32 cache ``code_index`` (code + k * group, 4 bytes per
-code, reported as ``cache_bytes``), rebuilt whenever codes are set or loaded.
+(what a checkpoint saves); the forward unpacks them into the gather index
+(code + k * group) on every call, so nothing larger than the packed codes is
+kept (a cached int32 index would hold 32 bits per code instead of ``ceil(log2 k)``).
 ``right_inverse`` runs k-means on the given dense weight, so ``compress()``
 on a trained model quantizes it.
 """
@@ -235,11 +235,6 @@ def _values_for(bits: int, storage_bits: int) -> int:
     return math.ceil(bits / storage_bits)
 
 
-def _refresh_after_load(module: "PQWeight", incompatible_keys: object) -> None:
-    """Loading a state_dict replaces ``packed_codes``; the gather cache must follow."""
-    module._refresh_index()
-
-
 @register_method
 class PQWeight(CompressedWeight):
     """W = codebooks gathered by fixed codes; the codebooks are the trainable ``original``."""
@@ -252,9 +247,6 @@ class PQWeight(CompressedWeight):
         self._kmeans_key = layer_key(seed, spec.name, "kmeans")
         packed = torch.zeros(self.layout.packed_bytes(), dtype=torch.uint8, device=device)
         self.register_buffer("packed_codes", packed)
-        index = torch.zeros(self.layout.codes, dtype=torch.int32, device=device)
-        self.register_buffer("code_index", index, persistent=False)
-        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
     def min_values(cls, spec: LayerSpec, config: PQConfig) -> int:
@@ -272,21 +264,13 @@ class PQWeight(CompressedWeight):
         return flat.view(self.layout.rows, self.layout.columns)
 
     def set_codes(self, grid_codes: torch.Tensor) -> None:
-        """Store (rows, columns) codes: pack them into the persistent buffer, refresh the gather index."""
+        """Store (rows, columns) codes, packed into the persistent buffer."""
         self.packed_codes.copy_(pack_bits(grid_codes, self.layout.code_bits))
-        self._refresh_index()
-
-    def _refresh_index(self) -> None:
-        self.code_index.copy_(self.layout.folded_index(self.codes()))
-
-    def rebuild_caches(self, device: torch.device) -> None:
-        """The gather index derives from the loaded codes, so it is decoded here, not taken from a fresh twin."""
-        self.code_index = torch.empty(self.layout.codes, dtype=torch.int32, device=device)
-        self._refresh_index()
 
     # -- parametrization --------------------------------------------------------
     def reconstruct(self, original: torch.Tensor) -> torch.Tensor:
-        vectors = original.reshape(-1, self.layout.subvector).index_select(0, self.code_index)
+        index = self.layout.folded_index(self.codes())
+        vectors = original.reshape(-1, self.layout.subvector).index_select(0, index)
         return self.layout.rebuild(vectors)
 
     @torch.no_grad()
