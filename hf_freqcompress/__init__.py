@@ -24,6 +24,7 @@ from .methods import (
     available_methods,
     register_method,
 )
+from .recompute import disable_weight_recompute, enable_weight_recompute, is_weight_recompute_enabled
 from .report import CompressionReport, LayerReport
 
 try:
@@ -42,6 +43,9 @@ __all__ = [
     "on_train_step",
     "finalize",
     "regularization",
+    "enable_weight_recompute",
+    "disable_weight_recompute",
+    "is_weight_recompute_enabled",
     "parse_budget",
     "CompressionReport",
     "LayerReport",

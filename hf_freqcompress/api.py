@@ -13,7 +13,8 @@ from .dtypes import resolve_storage_dtype
 from .methods import MethodConfig, compressed_weights, get_method, resolve_config
 from .plan import build_parametrizations
 from .report import CompressionReport, LayerReport
-from .state import RECIPE_ATTRIBUTE, REPORT_ATTRIBUTE, add_reports, get_reports
+from .recompute import disable_weight_recompute
+from .state import RECIPE_ATTRIBUTE, REPORT_ATTRIBUTE, SOURCE_ATTRIBUTE, add_reports, get_reports
 from .surgery import MIN_LAYER_VALUES, Patterns, apply_parametrizations, select_targets
 
 __all__ = ["compress", "materialize", "get_reports", "on_train_step", "finalize", "regularization"]
@@ -130,10 +131,12 @@ def materialize(model: nn.Module) -> nn.Module:
     Parameters, no attribute of this library) for ``torch.export``,
     ``save_pretrained`` or any other tool. Works in place and returns ``model``.
     """
+    disable_weight_recompute(model)
     for _, module, param_name, _ in compressed_weights(model):
         if parametrize.is_parametrized(module, param_name):
+            module.parametrizations[param_name].original.grad = None  # a stored-shape gradient on the dense weight
             parametrize.remove_parametrizations(module, param_name, leave_parametrized=True)
-    for attribute in (REPORT_ATTRIBUTE, RECIPE_ATTRIBUTE):
+    for attribute in (REPORT_ATTRIBUTE, RECIPE_ATTRIBUTE, SOURCE_ATTRIBUTE):
         if hasattr(model, attribute):
             delattr(model, attribute)
     return model

@@ -7,7 +7,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from hf_freqcompress import LayerKind, available_methods, compress, get_reports, materialize, register_layer_kind
+from hf_freqcompress import (
+    LayerKind,
+    available_methods,
+    compress,
+    enable_weight_recompute,
+    get_reports,
+    materialize,
+    register_layer_kind,
+)
 from hf_freqcompress.surgery import classifier_names
 
 from conftest import tiny_gpt2
@@ -249,3 +257,15 @@ def test_preserve_norm_refuses_a_fixed_g_on_a_shared_space_and_leaves_the_model(
         compress(mlp, budget="1/8", method=method, exclude=[], init="preserve_norm")
     assert not any(parametrize.is_parametrized(m) for m in mlp.modules())
     assert all(torch.equal(before[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_materialize_after_training_leaves_a_plain_trainable_model(mlp):
+    compress(mlp, budget="1/8", exclude=[])
+    enable_weight_recompute(mlp)
+    mlp(torch.randn(4, 64)).sum().backward()  # every stored tensor now has a gradient of its own shape
+    materialize(mlp)
+    assert not any(mlp[i]._forward_pre_hooks or mlp[i]._forward_hooks for i in (1, 3, 5))
+    assert all(p.grad is None or p.grad.shape == p.shape for p in mlp.parameters())
+    mlp(torch.randn(4, 64)).sum().backward()
+    assert all(p.grad.shape == p.shape for p in mlp.parameters())
+    assert not [name for name in vars(mlp) if name.startswith("hf_freqcompress")]

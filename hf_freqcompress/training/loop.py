@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..api import compress, finalize, on_train_step
 from ..models import build_model
+from ..recompute import enable_weight_recompute
 from ..regularizers import get_regularizer
 from ..report import CompressionReport
 from .evaluation import evaluate
@@ -198,6 +199,8 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         )
     except ValueError as error:
         raise RecipeError(f"compression: {error}") from None
+    if settings.weight_recompute:
+        enable_weight_recompute(model)
     train_loader, eval_loader, sampler = build_loaders(recipe.data, settings.seed, model)
     loss_fn = TrainingLoss(
         teacher=teacher.to(accelerator.device) if teacher is not None else None,

@@ -142,6 +142,10 @@ class TrainingSection:
     compression_loss_weight: coefficient of the methods' own training penalties.
     label_smoothing: the cross-entropy's target smoothing (timm's ``--smoothing``);
         on MNIST MLPs 0.1 cut HashedNets' error at 1/8 (docs/results/mnist_mlp.md).
+    weight_recompute: rebuild each compressed weight again in backward instead of
+        keeping it from forward (``hf_freqcompress.recompute``): same gradients,
+        about one dense layer of weights alive at a time instead of all of them,
+        for a second rebuild per layer and step.
     """
 
     epochs: int = 1
@@ -157,6 +161,7 @@ class TrainingSection:
     compression_loss_weight: float = 1.0
     label_smoothing: float = 0.0
     cpu: bool = False
+    weight_recompute: bool = False
 
 
 @dataclass
