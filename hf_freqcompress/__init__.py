@@ -24,6 +24,7 @@ from .methods import (
     available_methods,
     register_method,
 )
+from .integrations import register_transformers
 from .recompute import disable_weight_recompute, enable_weight_recompute, is_weight_recompute_enabled
 from .report import CompressionReport, LayerReport
 
@@ -31,6 +32,8 @@ try:
     __version__ = version("hf-freqcompress")
 except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0.dev0"
+
+register_transformers()  # AutoModelFor*.from_pretrained loads compressed checkpoints (transformers imported lazily)
 
 __all__ = [
     "compress",

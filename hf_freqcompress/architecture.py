@@ -18,6 +18,7 @@ record rebuilds the same modules and shapes; a user passes the rest as
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,22 +26,15 @@ from accelerate import init_empty_weights
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .integrations import is_transformers_model
 from .methods import CompressedWeight
 from .models import timm_architecture
 from .state import RECIPE_ATTRIBUTE
 
-__all__ = ["describe", "build", "check_rebuild"]
+__all__ = ["describe", "build", "check_rebuild", "write_hub_config"]
 
 _LOADING_KWARGS = {"pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
 """timm.create_model arguments that would load or download weights (torch.load unpickles): never taken from a file."""
-
-
-def _is_transformers(model: nn.Module) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
 
 
 def _timm_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -63,10 +57,11 @@ def describe(model: nn.Module, base_model_kwargs: dict[str, Any] | None = None) 
     ``{"library": "timm", "name": ..., "kwargs": {...}}`` or
     ``{"library": "transformers", "class": ..., "config": {...}}``.
     """
-    if _is_transformers(model):
+    if is_transformers_model(model):
         if base_model_kwargs:
             raise ValueError("base_model_kwargs apply to timm models; a transformers model is rebuilt from its config")
         config = json.loads(model.config.to_json_string(use_diff=False))
+        config.pop("quantization_config", None)  # the record describes the base architecture, not the compression
         return {"library": "transformers", "class": type(model).__name__, "config": config}
     recipe = getattr(model, RECIPE_ATTRIBUTE, None)
     architecture = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
@@ -153,3 +148,24 @@ def check_rebuild(model: nn.Module, record: dict[str, Any]) -> None:
             f"the recorded base architecture ({record.get('name') or record.get('class')}) does not rebuild this model "
             f"({len(differences)} differences; {shown}): {hint}"
         )
+
+
+def write_hub_config(model: nn.Module, record: dict[str, Any], dtype: torch.dtype, path: Path) -> None:
+    """Write the ``config.json`` the Hub and the base library read for ``model``'s architecture.
+
+    transformers: the model's config as its ``save_pretrained`` writes it
+    (``architectures``, ``dtype``: without it ``dtype="auto"`` would take the
+    storage dtype of the first stored tensor) with its ``quantization_config``,
+    so ``AutoModelFor*.from_pretrained`` rebuilds the compression. timm: the
+    config timm's ``push_to_hub`` writes (architecture, num_classes,
+    model_args, pretrained_cfg), so the Hub page names the architecture;
+    such a folder still loads through ``hf_freqcompress.from_pretrained``.
+    """
+    if record["library"] == "transformers":
+        config = json.loads(model.config.to_json_string())
+        config.update(architectures=[type(model).__name__], dtype=str(dtype).removeprefix("torch."))
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return
+    from timm.models._hub import save_config_for_hf
+
+    save_config_for_hf(model, str(path), model_args=record["kwargs"])

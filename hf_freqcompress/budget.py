@@ -23,6 +23,8 @@ __all__ = [
     "split_proportional",
     "plan_proportional",
     "plan_budget",
+    "plan_by_cost",
+    "CostCurve",
     "PLAN_STRATEGIES",
 ]
 
@@ -172,6 +174,65 @@ def plan_proportional(layers: Sequence[LayerDemand], total: int) -> list[int]:
         [layer.min_values for layer in layers],
         [layer.max_values for layer in layers],
     )
+
+
+CostCurve = Sequence[tuple[int, float]]
+"""Measured (stored values, predicted loss increase) points of one layer, any order."""
+
+
+def _lower_hull(points: CostCurve) -> list[tuple[int, float]]:
+    """The lower convex hull of a layer's points, left to right, made non-increasing (more values never cost more)."""
+    hull: list[tuple[int, float]] = []
+    for values, cost in sorted(points):
+        if hull and values == hull[-1][0]:
+            continue
+        cost = min(cost, hull[-1][1]) if hull else cost
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (values - x0) >= (cost - y0) * (x1 - x0):  # the middle point is not below the chord
+                hull.pop()
+            else:
+                break
+        hull.append((values, cost))
+    return hull
+
+
+def plan_by_cost(layers: Sequence[LayerDemand], total: int, curves: Sequence[CostCurve]) -> list[int]:
+    """Split ``total`` to minimise the summed predicted cost, each layer on its measured curve.
+
+    Each curve's lower convex hull (cost non-increasing in values) is
+    interpolated linearly between its points. Every layer starts at its
+    first point (or its minimum); the hull segments of all layers are then
+    funded in order of cost saved per value, steepest first, the last one in
+    part: the greedy optimum of a convex separable problem. Budget left once
+    every layer reaches its last point is split proportionally up to each
+    layer's maximum. Integers by largest remainder; exact total, per-layer
+    bounds respected, deterministic (ties to the lower index).
+    """
+    hulls = [_lower_hull([(min(max(v, layer.min_values), layer.max_values), c) for v, c in curve])
+             for layer, curve in zip(layers, curves, strict=True)]
+    amounts = [float(hull[0][0]) if hull else float(layer.min_values) for layer, hull in zip(layers, hulls)]
+    if sum(amounts) > total:  # the curves start above the budget: fall back to the sizes alone
+        return plan_proportional(layers, total)
+    remaining = total - sum(amounts)
+    segments = sorted(
+        ((y1 - y0) / (x1 - x0), i, x1 - x0) for i, hull in enumerate(hulls)
+        for (x0, y0), (x1, y1) in zip(hull, hull[1:])
+    )
+    for slope, i, width in segments:
+        if remaining <= 0 or slope >= 0:
+            break
+        step = min(width, remaining)
+        amounts[i] += step
+        remaining -= step
+    floors = [int(math.floor(a + 1e-9)) for a in amounts]
+    highs = [layer.max_values for layer in layers]
+    if remaining > 0:  # every layer is at its last measured point
+        return split_proportional([layer.dense_values for layer in layers], total, floors, highs)
+    by_fraction = sorted(range(len(floors)), key=lambda i: (floors[i] - amounts[i], i))
+    for i in by_fraction[: total - sum(floors)]:
+        floors[i] += 1
+    return floors
 
 
 PLAN_STRATEGIES: dict[str, Callable[[Sequence[LayerDemand], int], list[int]]] = {

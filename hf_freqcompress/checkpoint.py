@@ -1,6 +1,11 @@
 """The checkpoint folder format: ``compression_config.json`` + ``model.safetensors``.
 
 This module knows the files and their validation, nothing about the Hub.
+The compression record (:class:`CompressionRecord`: format version, plans,
+tied tensors) is the part both ``compression_config.json`` and a
+transformers ``config.json``'s ``quantization_config`` hold; the loading steps
+(:func:`fit_skeleton`, :func:`finish_loading`) serve this library's loader
+and the transformers quantizer alike.
 Everything a folder claims is checked before a tensor reaches a model: the
 JSON schema and format version, that every method is installed, the
 safetensors file's size and SHA-256 (so truncation and corruption are
@@ -30,26 +35,35 @@ from torch import nn
 
 from .dtypes import FLOAT_DTYPES, SAFETENSORS_DTYPES, TENSOR_DTYPES, dtype_name
 from .methods import compressed_weights
-from .plan import CompressionPlan
+from .plan import CompressionPlan, plans_of
 from .surgery import StoredTensors
 
 __all__ = [
     "FORMAT_VERSION",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "SAFETENSORS_METADATA",
+    "CompressionRecord",
     "CheckpointConfig",
+    "record_of",
     "read_config",
     "tensors_to_save",
     "write_tensors",
     "read_header",
+    "tensor_infos",
     "storage_placeholders",
     "fit_skeleton",
     "load_tensors",
+    "finish_loading",
 ]
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "compression_config.json"
 WEIGHTS_NAME = "model.safetensors"
+LIBRARY = "hf-freqcompress"
+FORMAT_METADATA_KEY = "hf_freqcompress_format"
+SAFETENSORS_METADATA = {"format": "pt", FORMAT_METADATA_KEY: str(FORMAT_VERSION)}
+"""The safetensors header metadata every writer of this library puts in the weights file."""
 
 TensorInfo = tuple[tuple[int, ...], str]
 """A tensor's (shape, dtype name), as the header states it or the skeleton expects it."""
@@ -70,33 +84,37 @@ def _storage_dtype(key: str, dtypes: dict[str, torch.dtype]) -> torch.dtype | No
     return next((dtype for prefix, dtype in dtypes.items() if key.startswith(prefix)), None)
 
 
+def library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 @dataclass(frozen=True)
-class CheckpointConfig:
-    """What ``compression_config.json`` holds, validated."""
+class CompressionRecord:
+    """A model's compression, whatever file holds it: the plans of its ``compress()`` calls and tied tensors.
+
+    ``compression_config.json`` holds it beside the base architecture and the
+    weights' checksum; a transformers ``config.json`` holds it as its
+    ``quantization_config``. Either alone rebuilds every parametrization.
+    """
 
     library_version: str
-    base_model: dict[str, Any]
-    dtype: str
     plans: list[CompressionPlan]
     aliases: dict[str, str]
-    weights_sha256: str
-    weights_size: int
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": FORMAT_VERSION,
-            "library": "hf-freqcompress",
+            "library": LIBRARY,
             "library_version": self.library_version,
-            "base_model": self.base_model,
-            "dtype": self.dtype,
             "compressions": [plan.to_dict() for plan in self.plans],
             "tied_tensors": self.aliases,
-            "files": {WEIGHTS_NAME: {"size": self.weights_size, "sha256": self.weights_sha256}},
         }
 
     @classmethod
-    def from_dict(cls, data: Any, source: str) -> "CheckpointConfig":
-        """Validate every field; ``source`` (the file) is named in each error."""
+    def from_dict(cls, data: Any, source: str) -> "CompressionRecord":
+        """Validate the record's fields; ``source`` (the file, the field) is named in each error."""
         if not isinstance(data, dict):
             raise ValueError(f"{source} must hold a JSON object, not {type(data).__name__}")
         version = _field(data, "format_version", int, source)
@@ -105,8 +123,52 @@ class CheckpointConfig:
                 f"{source} has format_version {version}, newer than this hf-freqcompress reads "
                 f"({FORMAT_VERSION}); upgrade hf-freqcompress (pip install -U hf-freqcompress)"
             )
-        if version < 1 or _field(data, "library", str, source) != "hf-freqcompress":
-            raise ValueError(f"{source} is not an hf-freqcompress checkpoint config")
+        if version < 1 or _field(data, "library", str, source) != LIBRARY:
+            raise ValueError(f"{source} is not an hf-freqcompress compression record")
+        compressions = _field(data, "compressions", list, source)
+        if not compressions:
+            raise ValueError(f"{source} lists no compression")
+        plans = [CompressionPlan.from_dict(item, f"{source} compressions[{i}]") for i, item in enumerate(compressions)]
+        aliases = _field(data, "tied_tensors", dict, source)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise ValueError(f"{source} tied_tensors must map tensor names to tensor names")
+        return cls(_field(data, "library_version", str, source), plans, aliases)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """What ``compression_config.json`` holds, validated: the record, the base architecture, the weights file."""
+
+    record: CompressionRecord
+    base_model: dict[str, Any]
+    dtype: str
+    weights_sha256: str
+    weights_size: int
+
+    @property
+    def plans(self) -> list[CompressionPlan]:
+        return self.record.plans
+
+    @property
+    def aliases(self) -> dict[str, str]:
+        return self.record.aliases
+
+    @property
+    def library_version(self) -> str:
+        return self.record.library_version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.record.to_dict(),
+            "base_model": self.base_model,
+            "dtype": self.dtype,
+            "files": {WEIGHTS_NAME: {"size": self.weights_size, "sha256": self.weights_sha256}},
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "CheckpointConfig":
+        """Validate every field; ``source`` (the file) is named in each error."""
+        record = CompressionRecord.from_dict(data, source)
         base = _field(data, "base_model", dict, source)
         if base.get("library") == "timm":
             _field(base, "name", str, f"{source} base_model")
@@ -119,20 +181,11 @@ class CheckpointConfig:
         dtype = _field(data, "dtype", str, source)
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"{source} dtype {dtype!r} is not a floating-point dtype name")
-        compressions = _field(data, "compressions", list, source)
-        if not compressions:
-            raise ValueError(f"{source} lists no compression")
-        plans = [CompressionPlan.from_dict(item, f"{source} compressions[{i}]") for i, item in enumerate(compressions)]
-        aliases = _field(data, "tied_tensors", dict, source)
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
-            raise ValueError(f"{source} tied_tensors must map tensor names to tensor names")
         weights = _field(_field(data, "files", dict, source), WEIGHTS_NAME, dict, f"{source} files")
         return cls(
-            library_version=_field(data, "library_version", str, source),
+            record=record,
             base_model=base,
             dtype=dtype,
-            plans=plans,
-            aliases=aliases,
             weights_sha256=_field(weights, "sha256", str, f"{source} files.{WEIGHTS_NAME}"),
             weights_size=_field(weights, "size", int, f"{source} files.{WEIGHTS_NAME}"),
         )
@@ -148,7 +201,10 @@ def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
 def read_config(folder: Path) -> CheckpointConfig:
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {folder} is not an hf-freqcompress checkpoint folder")
+        raise FileNotFoundError(
+            f"{path} not found: {folder} is not an hf-freqcompress checkpoint folder (a compressed model saved "
+            "with transformers' save_pretrained loads with AutoModelFor*.from_pretrained after import hf_freqcompress)"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -159,23 +215,32 @@ def read_config(folder: Path) -> CheckpointConfig:
 # -- saving -------------------------------------------------------------------
 
 
-def tensors_to_save(model: nn.Module, plans: list[CompressionPlan]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state, compressed floats cast to their storage dtype, with tied tensors once.
+def record_of(model: nn.Module) -> CompressionRecord:
+    """The record of a compressed ``model``: its plans (checked against its parametrizations) and tied tensors."""
+    return CompressionRecord(library_version(), plans_of(model), tied_aliases(model.state_dict()))
 
-    Returns the tensors to write and ``{alias: saved name}`` for tensors that
-    are the very same tensor as one written earlier (tied embeddings).
-    """
-    storage_dtypes = _storage_dtypes(plans)
-    tensors: dict[str, torch.Tensor] = {}
+
+def tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{alias: first name}`` for state-dict entries that are the very same tensor as an earlier one (tied weights)."""
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    storages: set[int] = set()
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state.items():
         identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape, tensor.stride())
         if tensor.numel() and identity in seen:
             aliases[key] = seen[identity]
+        else:
+            seen[identity] = key
+    return aliases
+
+
+def tensors_to_save(model: nn.Module, record: CompressionRecord) -> dict[str, torch.Tensor]:
+    """The model's state, compressed floats cast to their storage dtype, tied tensors once (``record.aliases``)."""
+    storage_dtypes = _storage_dtypes(record.plans)
+    tensors: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key, tensor in model.state_dict().items():
+        if key in record.aliases:
             continue
-        seen[identity] = key
         dtype = _storage_dtype(key, storage_dtypes)
         saved = tensor.detach().cpu()
         if dtype is not None and saved.is_floating_point():
@@ -184,12 +249,12 @@ def tensors_to_save(model: nn.Module, plans: list[CompressionPlan]) -> tuple[dic
             saved = saved.clone(memory_format=torch.contiguous_format)  # safetensors refuses shared memory
         storages.add(saved.untyped_storage().data_ptr())
         tensors[key] = saved
-    return tensors, aliases
+    return tensors
 
 
 def write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> tuple[int, str]:
     """Write ``tensors`` as safetensors; returns the file's size and SHA-256 for the config."""
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    save_file(tensors, str(path), metadata=SAFETENSORS_METADATA)
     return path.stat().st_size, _sha256(path)
 
 
@@ -216,8 +281,14 @@ def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
         )
     if _sha256(path) != config.weights_sha256:
         raise ValueError(f"{path} does not match the SHA-256 its config records: the file is corrupted")
+    return tensor_infos(path)
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Every tensor's (shape, dtype) from a safetensors header, which must not come from a newer format version."""
     try:
         with safe_open(str(path), framework="pt") as file:
+            _check_format_metadata(path, file.metadata() or {})
             header = {}
             for key in file.keys():
                 view = file.get_slice(key)
@@ -227,6 +298,18 @@ def read_header(path: Path, config: CheckpointConfig) -> dict[str, TensorInfo]:
     except SafetensorError as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
     return header
+
+
+def _check_format_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """The header's ``hf_freqcompress_format`` (absent in files saved before it existed) must be one this version reads."""
+    version = metadata.get(FORMAT_METADATA_KEY)
+    if version is None:
+        return
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was written in hf-freqcompress format {version!r}, which this version (format "
+            f"{FORMAT_VERSION}) cannot read; upgrade hf-freqcompress (pip install -U hf-freqcompress)"
+        )
 
 
 def storage_placeholders(plans: list[CompressionPlan], header: dict[str, TensorInfo], dtype: torch.dtype) -> dict[str, StoredTensors]:
@@ -257,6 +340,7 @@ def fit_skeleton(
     plans: list[CompressionPlan],
     aliases: dict[str, str],
     path: Path,
+    cast_floats: bool = False,
 ) -> None:
     """Check the file's tensors against ``skeleton`` and let its modules adapt to them, on meta only.
 
@@ -266,7 +350,8 @@ def fit_skeleton(
     its ``_load_from_state_dict`` exactly as in a plain ``load_state_dict``.
     Then every tensor's presence, shape and dtype is checked: floating-point
     storage of compressed layers at its plan's storage dtype, everything
-    else at the skeleton's own dtype.
+    else at the skeleton's own dtype, or any float dtype with ``cast_floats``
+    (the caller casts untargeted floats while loading, as transformers does).
     """
     dangling = {alias: source for alias, source in aliases.items() if source not in header}
     if dangling:
@@ -296,18 +381,30 @@ def fit_skeleton(
             f"{path} holds tensor(s) {unexpected[:5]} ({len(unexpected)} in all) that the model does not have: "
             "the folder was saved from another architecture"
         )
-    storage_dtypes = _storage_dtypes(plans)
-    for key, tensor in skeleton.state_dict().items():
-        dtype = (_storage_dtype(key, storage_dtypes) if tensor.is_floating_point() else None) or tensor.dtype
-        if key not in aliases and header[key] != (tuple(tensor.shape), dtype_name(dtype)):
-            raise ValueError(
-                f"{path}: tensor {key!r} is {header[key][1]} {list(header[key][0])}, expected "
-                f"{dtype_name(dtype)} {list(tensor.shape)}: the folder was saved with another configuration"
-            )
+    state = {key: tensor for key, tensor in skeleton.state_dict().items() if key not in aliases}
+    for key, expected in _wrong_dtypes(state, header, _storage_dtypes(plans), cast_floats):
+        raise ValueError(
+            f"{path}: tensor {key!r} is {header[key][1]} {list(header[key][0])}, expected {expected} "
+            f"{list(state[key].shape)}: the folder was saved with another configuration"
+        )
+
+
+def _wrong_dtypes(state: dict[str, torch.Tensor], header: dict[str, TensorInfo], storage_dtypes: dict[str, torch.dtype],
+                  cast_floats: bool) -> list[tuple[str, str]]:
+    """(key, expected dtype) of every file tensor whose shape or dtype is not what the skeleton expects."""
+    wrong = []
+    for key, tensor in state.items():
+        stored = _storage_dtype(key, storage_dtypes) if tensor.is_floating_point() else None
+        expected = dtype_name(stored or tensor.dtype)
+        shape, dtype = header[key]
+        castable = cast_floats and stored is None and tensor.is_floating_point() and dtype in FLOAT_DTYPES
+        if shape != tuple(tensor.shape) or (dtype != expected and not castable):
+            wrong.append((key, expected))
+    return wrong
 
 
 def load_tensors(skeleton: nn.Module, path: Path, aliases: dict[str, str], device: torch.device) -> None:
-    """Fill the fitted skeleton from the file: assign tensors, re-tie, rebuild caches.
+    """Fill the fitted skeleton from the file: assign tensors, then :func:`finish_loading`.
 
     Tensors are assigned rather than copied (``assign=True``), so meta
     parameters become real ones without a dense allocation first; stored
@@ -324,11 +421,21 @@ def load_tensors(skeleton: nn.Module, path: Path, aliases: dict[str, str], devic
     for alias, source in aliases.items():
         state[alias] = state[source]
     skeleton.load_state_dict(state, strict=True, assign=True)
-    _retie(skeleton, aliases)
-    for _, _, _, parametrization in compressed_weights(skeleton):
-        parametrization.rebuild_caches(device)
-    _check_no_meta(skeleton)
+    finish_loading(skeleton, aliases)
     skeleton.to(device)
+
+
+def finish_loading(model: nn.Module, aliases: dict[str, str]) -> None:
+    """After the tensors are in place: re-tie tied tensors, rebuild every layer's caches where its storage lives.
+
+    Shared by this library's loader and the transformers quantizer, so both
+    leave a model in the same state; fails if any tensor is still on meta.
+    """
+    _retie(model, aliases)
+    for _, module, param_name, parametrization in compressed_weights(model):
+        storage = next(module.parametrizations[param_name].parameters())  # original (or original0)
+        parametrization.rebuild_caches(storage.device)
+    _check_no_meta(model)
 
 
 def _retie(model: nn.Module, aliases: dict[str, str]) -> None:

@@ -15,9 +15,10 @@ from .models import build_model, model_source, parse_model_args
 __all__ = ["main"]
 
 
-def _describe_source(source: dict) -> str:
+def _describe_source(source: dict, random_init: bool) -> str:
     if not source["pretrained"]:
-        return f"base model: {source['spec']}, randomly initialised (as asked: --random-init)"
+        why = "as asked: --random-init" if random_init else "it has no pretrained weights"
+        return f"base model: {source['spec']}, randomly initialised ({why})"
     return f"base model: {source['spec']}, trained weights from {source['weights'] or 'the local folder'}"
 
 
@@ -26,7 +27,7 @@ def _compress_command(args: argparse.Namespace) -> int:
         args.model, pretrained=False if args.random_init else None, revision=args.revision,
         trust_remote_code=args.trust_remote_code, **parse_model_args(args.model_arg),
     )
-    print(_describe_source(model_source(model)), file=sys.stderr if args.json else sys.stdout)
+    print(_describe_source(model_source(model), args.random_init), file=sys.stderr if args.json else sys.stdout)
     method = get_method(args.method).config_class.from_dict(parse_model_args(args.option))
     report = compress(
         model,
@@ -37,6 +38,9 @@ def _compress_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         storage_dtype=args.storage_dtype,
         init=args.init,
+        calibration=_calibration(args, model) if args.calibration else None,
+        strategy=args.strategy,
+        seed_trials=args.seed_trials,
     )
     print(json.dumps(report.to_dict(), indent=2) if args.json else report)
     if args.out:
@@ -45,8 +49,18 @@ def _compress_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration(args: argparse.Namespace, model) -> list:
+    """``--calibration-batches`` seeded random batches of ``--calibration`` data, for compress(calibration=...)."""
+    from .training.loaders import calibration_batches
+
+    section = _eval_data(args.calibration, args.calibration_split or _TRAIN_SPLITS[_data_kind(args.calibration)], args)
+    return calibration_batches(section, section.eval_split, args.calibration_batches, args.batch_size, args.seed, model)
+
+
 def _push_command(args: argparse.Namespace) -> int:
-    url = push_folder(args.dir, args.repo_id, private=args.private or None, revision=args.revision)
+    url = push_folder(
+        args.dir, args.repo_id, private=args.private or None, revision=args.revision, replace_card=args.replace_card
+    )
     print(url)
     return 0
 
@@ -67,21 +81,22 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 _EVAL_SPLITS = {"mnist": "test", "image_folder": "val", "hf": "validation"}
+_TRAIN_SPLITS = {"mnist": "train", "image_folder": "train", "hf": "train"}
+
+
+def _data_kind(data: str) -> str:
+    return "mnist" if data == "mnist" else "hf" if data.startswith("hf:") else "image_folder"
 
 
 def _eval_data(data: str, split: str | None, args: argparse.Namespace):
     """``mnist``, ``hf:<dataset>`` or an ImageFolder root -> the recipe data section to evaluate on."""
     from .training.recipe import DataSection, check_data_location
 
-    if data == "mnist":
-        kind, root = "mnist", None
-    elif data.startswith("hf:"):
-        kind, root = "hf", data[3:]
-    else:
-        kind, root = "image_folder", data
+    kind = _data_kind(data)
+    root = {"mnist": None, "hf": data[3:], "image_folder": data}[kind]
     section = DataSection(
         kind=kind, root=root, eval_split=split or _EVAL_SPLITS[kind], train_split=split or _EVAL_SPLITS[kind],
-        image_size=args.image_size, eval_batch_size=args.batch_size, limit_eval=args.limit,
+        image_size=args.image_size, eval_batch_size=args.batch_size, limit_eval=getattr(args, "limit", None),
     )
     check_data_location(section)
     return section
@@ -105,9 +120,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-freqcompress", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _add_compress(commands: argparse._SubParsersAction) -> None:
     sub = commands.add_parser("compress", help="compress a timm or transformers model and print the report")
     sub.add_argument("--model", required=True,
                      help="timm:<name>[.<tag>], timm:hf-hub:<repo> or hf:<repo id or folder>; its trained weights load")
@@ -125,16 +138,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--storage-dtype", default=None, choices=["float32", "float16", "bfloat16"])
     sub.add_argument("--init", default="project", choices=INITS,
                      help="preserve_norm: keep each layer's weight norm (for models trained from scratch)")
+    _add_calibration(sub)
     sub.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_argument("--out", metavar="DIR", help="save the compressed model to this checkpoint folder")
     sub.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint folder at --out")
     sub.set_defaults(run=_compress_command)
 
+
+def _add_calibration(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--calibration", metavar="DATA",
+                     help="fit to real inputs: 'mnist', an ImageFolder root or hf:<dataset> (see compress(calibration=))")
+    sub.add_argument("--calibration-split", help="split of --calibration (default: its training split)")
+    sub.add_argument("--calibration-batches", type=int, default=8, help="batches of --batch-size for calibration")
+    sub.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
+    sub.add_argument("--image-size", type=int, default=224, help="input size for ImageFolder / hf calibration data")
+    sub.add_argument("--strategy", default="proportional", choices=["proportional", "sensitivity"],
+                     help="budget split; sensitivity needs --calibration")
+    sub.add_argument("--seed-trials", type=int, default=1, help="hash seeds tried per layer (needs --calibration)")
+
+
+def _add_others(commands: argparse._SubParsersAction) -> None:
     push = commands.add_parser("push", help="upload a saved checkpoint folder to a Hub repo (created if needed)")
     push.add_argument("dir", help="folder written by save_pretrained or compress --out")
     push.add_argument("repo_id", help="user/name on the Hub (HF_ENDPOINT and HF_TOKEN apply)")
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--revision", default=None, help="branch to commit to")
+    push.add_argument("--replace-card", action="store_true",
+                      help="upload the folder's README.md as it is instead of merging it into the repo's card")
     push.set_defaults(run=_push_command)
 
     train = commands.add_parser(
@@ -158,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="validate a checkpoint folder and print what it holds")
     info.add_argument("dir", help="folder written by save_pretrained or compress --out")
     info.set_defaults(run=_info_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-freqcompress", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_compress(commands)
+    _add_others(commands)
     return parser
 
 

@@ -2,13 +2,16 @@
 
 ``save_pretrained`` writes a small folder (see :mod:`.checkpoint`): the
 compressed numbers and untargeted tensors in ``model.safetensors``, the
-recipe in ``compression_config.json``, a model card, and ``config.json`` for
-transformers models. ``from_pretrained`` rebuilds the base architecture with
-meta parameters, replays the recorded compression plan and assigns the
-saved tensors, so dense weights never exist as parameters.
-``push_to_hub`` / ``push_folder`` upload with huggingface_hub; a repo id
-passed to ``from_pretrained`` is fetched with ``snapshot_download`` (cache,
-offline mode, endpoints and tokens all work as elsewhere in the ecosystem).
+recipe in ``compression_config.json``, a model card, and ``config.json``
+(transformers: the model's config with the ``quantization_config`` that
+``AutoModelFor*.from_pretrained`` reads after ``import hf_freqcompress``;
+timm: the config timm's ``push_to_hub`` writes). ``from_pretrained``
+rebuilds the base architecture with meta parameters, replays the recorded
+compression plan and assigns the saved tensors, so dense weights never exist
+as parameters. ``push_to_hub`` / ``push_folder`` upload with huggingface_hub
+(merging into a README already on the Hub); a repo id passed to
+``from_pretrained`` is fetched with ``snapshot_download`` (cache, offline
+mode, endpoints and tokens all work as elsewhere in the ecosystem).
 """
 
 from __future__ import annotations
@@ -19,16 +22,17 @@ import shutil
 import tempfile
 import uuid
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
 import torch
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from torch import nn
 
 from . import architecture
-from .card import build_card
+from .card import build_card, infer_base_model, infer_license, merge_cards
 from .checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -37,24 +41,20 @@ from .checkpoint import (
     load_tensors,
     read_config,
     read_header,
+    record_of,
     storage_placeholders,
     tensors_to_save,
     write_tensors,
 )
-from .dtypes import dtype_name
-from .plan import apply_plans, plans_of
+from .dtypes import dtype_name, float_dtype
+from .integrations import attach
+from .plan import apply_plans
 
 __all__ = ["save_pretrained", "from_pretrained", "push_to_hub", "push_folder", "describe_folder"]
 
 TRANSFORMERS_CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 _FOLDER_FILES = [CONFIG_NAME, WEIGHTS_NAME, TRANSFORMERS_CONFIG_NAME, CARD_NAME]
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -77,6 +77,7 @@ def save_pretrained(
     base_model: str | None = None,
     datasets: list[str] | None = None,
     metrics: dict[str, float] | None = None,
+    license: str | None = None,
     card_name: str | None = None,
 ) -> Path:
     """Write the compressed ``model`` to ``save_directory``; returns the folder.
@@ -85,31 +86,37 @@ def save_pretrained(
     rebuilt from the record) before a file is written, and the folder
     appears at once or not at all (written to a temporary sibling, then
     renamed). An existing checkpoint folder is replaced only with
-    ``overwrite=True``.
+    ``overwrite=True``. ``config.json`` is the transformers config with the
+    ``quantization_config`` that ``AutoModelFor*.from_pretrained`` reads, or
+    a timm-style config for timm models.
 
     Args:
         base_model_kwargs: timm constructor arguments the model cannot report
             (anything besides num_classes, in_chans, img_size).
-        base_model / datasets / metrics: model card metadata (Hub repo id of
-            the dense model, dataset ids, ``{"accuracy": 0.98}``).
-        card_name: the name the card's load snippet uses (default: folder name).
+        base_model / datasets / metrics / license: model card metadata (Hub
+            repo id of the dense model, dataset ids, ``{"accuracy": 0.98}``,
+            a license id); ``base_model`` and ``license`` are inferred when the
+            model knows them (:func:`~hf_freqcompress.card.infer_base_model`).
+        card_name: the name the card's load snippets use (default: folder name).
     """
-    plans = plans_of(model)
-    if not plans:
+    record = record_of(model)
+    if not record.plans:
         raise ValueError("the model has no compression to save; call compress(model, ...) first")
-    record = architecture.describe(model, base_model_kwargs)
-    architecture.check_rebuild(model, record)
+    base_record = architecture.describe(model, base_model_kwargs)
+    architecture.check_rebuild(model, base_record)
     dtype = _model_dtype(model)
     target = Path(save_directory)
     _check_target(target, overwrite)
-    tensors, aliases = tensors_to_save(model, plans)
+    base_model = base_model or infer_base_model(model)
+    card_metadata = {"base_model": base_model, "datasets": datasets, "metrics": metrics,
+                     "license": license or infer_license(model, base_model)}
+    attach(model)  # transformers models: config.json's quantization_config is the fresh record
     with _atomic_folder(target) as folder:
-        size, sha256 = write_tensors(tensors, folder / WEIGHTS_NAME)
-        config = CheckpointConfig(_library_version(), record, dtype_name(dtype), plans, aliases, sha256, size)
+        size, sha256 = write_tensors(tensors_to_save(model, record), folder / WEIGHTS_NAME)
+        config = CheckpointConfig(record, base_record, dtype_name(dtype), sha256, size)
         (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if record["library"] == "transformers":
-            (folder / TRANSFORMERS_CONFIG_NAME).write_text(model.config.to_json_string(), encoding="utf-8")
-        build_card(config, card_name or target.name, base_model, datasets, metrics).save(folder / CARD_NAME)
+        architecture.write_hub_config(model, base_record, dtype, folder / TRANSFORMERS_CONFIG_NAME)
+        build_card(config, card_name or target.name, **card_metadata).save(folder / CARD_NAME)
     return target
 
 
@@ -159,38 +166,79 @@ def resolve_folder(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    subfolder: str | None = None,
+    local_files_only: bool = False,
 ) -> Path:
-    """A local checkpoint folder, or a Hub repo id downloaded (or found in the cache) by huggingface_hub."""
+    """A local checkpoint folder (never the network), or a Hub repo id downloaded or found in the cache."""
+    sub = _subfolder(subfolder)
     path = Path(name_or_path)
     if path.is_dir():
-        return path
+        return path / sub
     text = str(name_or_path)
     try:
         validate_repo_id(text)
     except HFValidationError:
         raise FileNotFoundError(f"{text!r} is neither a local folder nor a valid Hub repo id") from None
-    return Path(
-        snapshot_download(
-            text, revision=revision, token=token, cache_dir=cache_dir, allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]
-        )
+    files = [str(PurePosixPath(sub, name)) for name in (CONFIG_NAME, WEIGHTS_NAME)]
+    snapshot = snapshot_download(
+        text, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only, allow_patterns=files
     )
+    return Path(snapshot) / sub
+
+
+def _subfolder(subfolder: str | None) -> str:
+    """A relative path inside the folder or repo; refuses absolute paths and '..' (they would leave it)."""
+    if not subfolder:
+        return ""
+    path = PurePosixPath(subfolder.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"subfolder {subfolder!r} must be a relative path inside the repo, without '..'")
+    return str(path)
+
+
+def _load_device(device: str | torch.device | None, device_map: str | dict[str, Any] | torch.device | None) -> torch.device:
+    """Where the whole model goes: ``device``, or ``device_map`` ("cpu", "auto": the accelerator if any, a device,
+    or ``{"": device}``); a compressed model is small, so it is never split across devices."""
+    if device is not None and device_map is not None:
+        raise ValueError("pass device or device_map, not both")
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError(
+                f"device_map {device_map} splits the model; a compressed model loads on one device: "
+                "pass device_map='auto', 'cpu', a device, or {'': device}"
+            )
+        device_map = device_map[""]
+    if device_map == "auto":
+        accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+        return accelerator or torch.device("cpu")
+    return torch.device(device or device_map or "cpu")
 
 
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    device_map: str | dict[str, Any] | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     revision: str | None = None,
+    subfolder: str | None = None,
+    local_files_only: bool = False,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """Load a compressed model from a folder or Hub repo id, in eval mode, on ``device``.
+    """Load a compressed model from a folder or Hub repo id, in eval mode.
 
-    The folder is validated entirely (config schema and version, installed
-    methods, file size and checksum, every tensor's name, shape and dtype)
-    before any tensor is read; loading uses JSON and safetensors only.
+    The keyword arguments mean what they mean in transformers'
+    ``from_pretrained``: ``device_map`` ("cpu", "auto", a device; the model is
+    never split), ``dtype`` (None or "auto": the saved dtype), ``revision``,
+    ``subfolder``, ``local_files_only``, ``token``, ``cache_dir``. The folder
+    is validated entirely (config schema and version, installed methods,
+    file size and checksum, every tensor's name, shape and dtype) before any
+    tensor is read; loading uses JSON and safetensors only.
     """
-    folder = resolve_folder(name_or_path, revision, token, cache_dir)
+    target = _load_device(device, device_map)
+    cast = None if dtype in (None, "auto") else float_dtype(str(dtype).removeprefix("torch."), "dtype")
+    folder = resolve_folder(name_or_path, revision, token, cache_dir, subfolder, local_files_only)
     config = read_config(folder)
     weights = folder / WEIGHTS_NAME
     header = read_header(weights, config)
@@ -199,7 +247,10 @@ def from_pretrained(
     apply_plans(skeleton, config.plans, storage_placeholders(config.plans, header, build_dtype))
     skeleton.to(getattr(torch, config.dtype))
     fit_skeleton(skeleton, header, config.plans, config.aliases, weights)
-    load_tensors(skeleton, weights, config.aliases, torch.device(device))
+    if cast is not None:
+        skeleton.to(cast)
+    load_tensors(skeleton, weights, config.aliases, target)
+    attach(skeleton, loaded=True)
     return skeleton.eval()
 
 
@@ -211,20 +262,42 @@ def push_folder(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload compressed model with hf-freqcompress",
+    replace_card: bool = False,
 ) -> str:
-    """Validate a saved checkpoint folder, create the repo if needed, upload it; returns the commit URL."""
+    """Validate a saved checkpoint folder, create the repo if needed, upload it; returns the commit URL.
+
+    A README.md already in the repo (say, edited on the Hub) is merged with
+    the folder's card (:func:`~hf_freqcompress.card.merge_cards`: the user's
+    metadata and text stay, the generated section is refreshed) unless
+    ``replace_card=True``, which uploads the folder's card as it is.
+    """
     folder = Path(folder)
     read_header(folder / WEIGHTS_NAME, read_config(folder))
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(
-        repo_id=repo.repo_id,
-        folder_path=folder,
-        revision=revision,
-        commit_message=commit_message,
-        allow_patterns=_FOLDER_FILES,
+    operations = [
+        CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name))
+        for name in _FOLDER_FILES
+        if (folder / name).is_file()
+    ]
+    existing = None if replace_card else _existing_card(repo.repo_id, revision, token)
+    if existing is not None and (folder / CARD_NAME).is_file():
+        merged = merge_cards(existing, ModelCard.load(folder / CARD_NAME))
+        operations = [op for op in operations if op.path_in_repo != CARD_NAME]
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(merged).encode()))
+    commit = api.create_commit(
+        repo_id=repo.repo_id, operations=operations, commit_message=commit_message, revision=revision
     )
     return commit.commit_url
+
+
+def _existing_card(repo_id: str, revision: str | None, token: str | None) -> str | None:
+    """The repo's README.md text, or None when it has none (or the branch does not exist yet)."""
+    try:
+        path = hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token)
+    except (EntryNotFoundError, RevisionNotFoundError):
+        return None
+    return Path(path).read_text(encoding="utf-8")
 
 
 def push_to_hub(
@@ -235,13 +308,16 @@ def push_to_hub(
     private: bool | None = None,
     revision: str | None = None,
     commit_message: str = "Upload compressed model with hf-freqcompress",
+    replace_card: bool = False,
     **save_kwargs: Any,
 ) -> str:
-    """``save_pretrained`` into a temporary folder, then :func:`push_folder`; returns the commit URL."""
+    """``save_pretrained`` into a temporary folder, then :func:`push_folder` (which merges the card into one
+    already on the Hub unless ``replace_card=True``); returns the commit URL."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_pretrained(model, Path(tmp) / "checkpoint", card_name=repo_id, **save_kwargs)
         return push_folder(
-            folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message
+            folder, repo_id, token=token, private=private, revision=revision, commit_message=commit_message,
+            replace_card=replace_card,
         )
 
 

@@ -103,13 +103,13 @@ def build_parametrizations(
     targets: Sequence[Target],
     config: MethodConfig,
     allocation: Sequence[int],
-    seed: int,
+    seeds: Sequence[int],
     storage_bits: int,
 ) -> list[CompressedWeight]:
     """One linked parametrization per target: the single build path of ``compress()`` and loading.
 
     Builds each layer's ``CompressedWeight`` (hash caches included) with its
-    planned number of values, then lets the method link the layers of one
+    planned number of values and hash seed, then lets the method link the layers of one
     call (``prepare_group``, e.g. FunHashNN's shared space) given their
     current weights: real ones are fitted jointly, a skeleton's meta weights
     (loading) only size the linked state, whose values come from the
@@ -118,7 +118,7 @@ def build_parametrizations(
     parametrization_class = get_method(config.method)
     parametrizations = [
         parametrization_class(target.spec(storage_bits), target.kind, config, values, seed, device=target.weight.device)
-        for target, values in zip(targets, allocation, strict=True)
+        for target, values, seed in zip(targets, allocation, seeds, strict=True)
     ]
     parametrization_class.prepare_group(parametrizations, [target.kind.to_canonical(target.weight) for target in targets])
     return parametrizations
@@ -157,6 +157,7 @@ def apply_plans(model: nn.Module, plans: list[CompressionPlan], stored: Mapping[
         targets = targets_by_name(model, [(layer.name, layer.kind) for layer in layers])
         _check_planned(plan, targets)
         bits = torch.finfo(plan.storage_dtype).bits
-        parametrizations = build_parametrizations(targets, plan.config, plan.planned_values, plan.report.seed, bits)
+        seeds = [plan.report.seed_of(layer) for layer in layers]
+        parametrizations = build_parametrizations(targets, plan.config, plan.planned_values, seeds, bits)
         restore_parametrizations(list(zip(targets, parametrizations)), [stored[layer.name] for layer in layers])
     add_reports(model, [plan.report for plan in plans])

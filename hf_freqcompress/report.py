@@ -17,7 +17,10 @@ class LayerReport:
     any fine-tuning: how much of a trained layer survives the projection.
     ``stored_values`` / ``stored_bits`` describe the final stored form;
     ``training_values`` counts numbers that exist only until ``finalize()``
-    (e.g. selection logits) and are never saved.
+    (e.g. selection logits) and are never saved. With calibration,
+    ``output_error`` is the relative error of the layer's output on the
+    calibration inputs and ``seed`` the hash seed this layer chose (None:
+    the report's seed).
     """
 
     name: str
@@ -30,6 +33,8 @@ class LayerReport:
     cache_bytes: int
     rel_error: float
     training_values: int = 0
+    seed: int | None = None
+    output_error: float | None = None
 
     @property
     def ratio(self) -> float:
@@ -45,6 +50,12 @@ class CompressionReport:
     seed: int
     storage_dtype: str
     layers: list[LayerReport] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
+    """With calibration: {"batches", "seconds", "strategy", "seed_trials"}."""
+
+    def seed_of(self, layer: LayerReport) -> int:
+        """The hash seed ``layer`` was built with."""
+        return self.seed if layer.seed is None else layer.seed
 
     @property
     def dense_values(self) -> int:
@@ -83,16 +94,18 @@ class CompressionReport:
             "cache_bytes": self.cache_bytes,
             "training_values": self.training_values,
             "layers": [dataclasses.asdict(layer) for layer in self.layers],
+            "calibration": self.calibration,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "CompressionReport":
         layers = [LayerReport(**{**row, "shape": tuple(row["shape"])}) for row in data["layers"]]
-        return cls(data["method"], data["budget"], data["seed"], data["storage_dtype"], layers)
+        return cls(data["method"], data["budget"], data["seed"], data["storage_dtype"], layers, data.get("calibration"))
 
     def table(self) -> str:
         """A fixed-width table, one row per layer, totals last (also used in model cards)."""
-        header = ("layer", "kind", "shape", "dense", "stored", "ratio", "rel_err")
+        calibrated = self.calibration is not None
+        header = ("layer", "kind", "shape", "dense", "stored", "ratio", "rel_err", *(("out_err", "seed") if calibrated else ()))
         rows = [
             (
                 layer.name,
@@ -102,10 +115,13 @@ class CompressionReport:
                 f"{layer.stored_values:,}",
                 f"{layer.ratio:.1f}x",
                 f"{layer.rel_error:.3f}",
+                *((f"{layer.output_error:.3f}" if layer.output_error is not None else "-", str(self.seed_of(layer)))
+                  if calibrated else ()),
             )
             for layer in self.layers
         ]
-        rows.append(("total", "", "", f"{self.dense_values:,}", f"{self.stored_values:,}", f"{self.ratio:.1f}x", ""))
+        total = ("total", "", "", f"{self.dense_values:,}", f"{self.stored_values:,}", f"{self.ratio:.1f}x", "")
+        rows.append((*total, *(("", "") if calibrated else ())))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
                  for row in [header, *rows]]
@@ -120,6 +136,11 @@ class CompressionReport:
             f"{self.stored_bytes:,} bytes as {self.storage_dtype}, "
             f"hash caches {self.cache_bytes:,} bytes (not saved)"
         )
+        if self.calibration is not None:
+            summary += (
+                f"; calibrated on {self.calibration['batches']} batches in {self.calibration['seconds']:.1f} s "
+                f"(split: {self.calibration['strategy']}, seed trials: {self.calibration['seed_trials']})"
+            )
         if self.training_values:
             summary += (
                 f"; plus {self.training_values:,} training-only values (not saved, gone after finalize()): "

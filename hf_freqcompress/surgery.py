@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -29,12 +30,16 @@ __all__ = [
     "classifier_names",
     "apply_parametrizations",
     "restore_parametrizations",
+    "trial_parametrization",
 ]
 
 MIN_LAYER_VALUES = 1024
 """By default layers with fewer weights are left dense: their savings are noise."""
 
 Patterns = str | Sequence[str] | None
+
+StoredTensors = torch.Tensor | tuple[torch.Tensor, ...]
+"""What a parametrization's ``right_inverse`` returns: ``original`` or ``original0, original1, ...``."""
 
 
 @dataclass
@@ -246,17 +251,23 @@ def _check_patterns_used(modules: list[tuple[str, nn.Module]], patterns: list[st
 
 
 def apply_parametrizations(
-    pairs: Sequence[tuple[Target, CompressedWeight]], preserve_norm: bool = False
+    pairs: Sequence[tuple[Target, CompressedWeight]],
+    preserve_norm: bool = False,
+    stored: Sequence[StoredTensors | None] | None = None,
 ) -> list[float]:
     """Register every parametrization, or none; returns each layer's relative projection error.
 
-    ``preserve_norm`` rescales each projected layer so the rebuilt weight has
-    the Frobenius norm of the dense one (see ``compress(init=...)``).
+    Each layer's storage is the projection of its dense weight
+    (``right_inverse``), or ``stored[i]`` where given (a fit computed
+    beforehand, e.g. from calibration data). ``preserve_norm`` rescales each
+    layer so the rebuilt weight has the Frobenius norm of the dense one (see
+    ``compress(init=...)``).
     """
     errors: list[float] = []
 
     def register(i: int, target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
-        parametrize.register_parametrization(target.module, target.param_name, parametrization)
+        with _adopting(parametrization, None if stored is None else stored[i]):
+            parametrize.register_parametrization(target.module, target.param_name, parametrization)
         if preserve_norm:
             _restore_norm(target, parametrization, dense)
         errors.append(_relative_error(dense, target.weight))
@@ -273,10 +284,6 @@ def _restore_norm(target: Target, parametrization: CompressedWeight, dense: torc
         parametrization.rescale_(original, float(dense.norm()) / rebuilt_norm)
 
 
-StoredTensors = torch.Tensor | tuple[torch.Tensor, ...]
-"""What a parametrization's ``right_inverse`` returns: ``original`` or ``original0, original1, ...``."""
-
-
 def restore_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]], stored: Sequence[StoredTensors]) -> None:
     """Register every parametrization adopting ``stored`` as its storage, without projecting, or none.
 
@@ -287,15 +294,37 @@ def restore_parametrizations(pairs: Sequence[tuple[Target, CompressedWeight]], s
     checked against the layer.
     """
     def register(i: int, target: Target, parametrization: CompressedWeight, dense: torch.Tensor) -> None:
-        parametrization.right_inverse = lambda weight: stored[i]  # shadows the method for this one call
-        try:
+        with _adopting(parametrization, stored[i]):
             parametrize.register_parametrization(target.module, target.param_name, parametrization)
-        finally:
-            del parametrization.right_inverse
 
     if len(stored) != len(pairs):
         raise ValueError(f"{len(stored)} stored tensors given for {len(pairs)} layers")
     _register_all(pairs, register)
+
+
+@contextmanager
+def _adopting(parametrization: CompressedWeight, stored: StoredTensors | None) -> Iterator[None]:
+    """While registering, ``right_inverse`` returns ``stored`` instead of projecting (None: project as usual)."""
+    if stored is None:
+        yield
+        return
+    parametrization.right_inverse = lambda weight: stored  # shadows the method for this one registration
+    try:
+        yield
+    finally:
+        del parametrization.right_inverse
+
+
+@contextmanager
+def trial_parametrization(target: Target, parametrization: CompressedWeight, stored: StoredTensors) -> Iterator[None]:
+    """``target`` compressed by ``parametrization`` (adopting ``stored``) for the block; the model's own Parameter
+    object is back afterwards, whatever happens inside."""
+    dense = target.module._parameters[target.param_name]
+    apply_parametrizations([(target, parametrization)], stored=[stored])
+    try:
+        yield
+    finally:
+        _restore(target, dense)
 
 
 def _register_all(

@@ -3,7 +3,8 @@
 It serves create_repo, the README YAML check, preupload (every file is a
 "regular" upload, so no LFS/xet transfer is involved), commit (NDJSON with
 base64 file contents), repo info, the tree listing and file resolution
-(HEAD + GET with the headers hf_hub_download reads). Bound to 127.0.0.1 on an
+(HEAD + GET with the headers hf_hub_download reads), at a branch or at any
+earlier commit sha. Bound to 127.0.0.1 on an
 ephemeral port; nothing leaves the machine. Each request is logged so tests
 can assert the real request flow happened.
 """
@@ -24,6 +25,13 @@ from urllib.parse import unquote, urlsplit
 class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
     sha: str = "0" * 40
+    history: dict[str, dict[str, bytes]] = field(default_factory=dict)  # commit sha -> files at that commit
+
+    def at(self, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit sha, files) at a branch name (every branch is the latest commit) or a commit sha."""
+        if revision in self.history:
+            return revision, self.history[revision]
+        return None if len(revision) == 40 else (self.sha, self.files)
 
 
 class HubState:
@@ -31,6 +39,8 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.env: dict[str, str] = {}  # what a subprocess needs to reach this Hub (set by the test fixture)
+        self.authorizations: list[str | None] = []  # each request's Authorization header
 
 
 _REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
@@ -48,6 +58,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         with self.state.lock:
             self.state.requests.append((method, path))
+            self.state.authorizations.append(self.headers.get("Authorization"))
         routes = [
             ("POST", r"/api/repos/create", self._create),
             ("POST", r"/api/validate-yaml", lambda: self._json({})),
@@ -93,6 +104,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _repo(self) -> Repo | None:
         return self.state.repos.get(self.match["repo"])
 
+    def _revision(self) -> tuple[str, dict[str, bytes]] | None:
+        """The requested repo at the requested revision, or None after answering 404."""
+        repo = self._repo()
+        if repo is None:
+            self._json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
+            return None
+        found = repo.at(self.match["rev"])
+        if found is None:
+            self._json({"error": "Invalid rev id"}, 404, {"X-Error-Code": "RevisionNotFound"})
+        return found
+
     # -- endpoints --------------------------------------------------------------
     def _create(self) -> None:
         body = json.loads(self._body())
@@ -119,32 +141,36 @@ class _Handler(BaseHTTPRequestHandler):
         for path in sorted(repo.files):
             digest.update(path.encode() + hashlib.sha1(repo.files[path]).digest())
         repo.sha = digest.hexdigest()
+        repo.history[repo.sha] = dict(repo.files)
         url = f"http://{self.headers['Host']}/{self.match['repo']}/commit/{repo.sha}"
         self._json({"commitUrl": url, "commitOid": repo.sha, "success": True})
 
     def _info(self) -> None:
-        repo = self._repo()
-        if repo is None:
-            return self._json({"error": "Repository not found"}, 404, {"X-Error-Code": "RepoNotFound"})
-        siblings = [{"rfilename": path} for path in sorted(repo.files)]
-        self._json({"id": self.match["repo"], "sha": repo.sha, "siblings": siblings, "private": False})
+        if (found := self._revision()) is None:
+            return
+        sha, files = found
+        siblings = [{"rfilename": path} for path in sorted(files)]
+        self._json({"id": self.match["repo"], "sha": sha, "siblings": siblings, "private": False})
 
     def _tree(self) -> None:
-        repo = self._repo()
+        if (found := self._revision()) is None:
+            return
         entries = [
             {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
-            for path, data in sorted(repo.files.items())
+            for path, data in sorted(found[1].items())
         ]
         self._json(entries)
 
     def _resolve(self) -> None:
-        repo = self._repo()
-        data = repo.files.get(self.match["file"]) if repo else None
+        if (found := self._revision()) is None:
+            return
+        sha, files = found
+        data = files.get(self.match["file"])
         if data is None:
             return self._json({"error": "Entry not found"}, 404, {"X-Error-Code": "EntryNotFound"})
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Repo-Commit", repo.sha)
+        self.send_header("X-Repo-Commit", sha)
         self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
         self.end_headers()
         if self.command == "GET":

@@ -89,3 +89,25 @@ def test_custom_strategy_is_validated():
         plan_budget(layers, 10, strategy=lambda ls, total: [0, 7])
     with pytest.raises(ValueError, match="unknown plan strategy"):
         plan_budget(layers, 10, strategy="magic")
+
+
+def test_plan_by_cost_funds_the_steepest_savings_first_with_an_exact_total():
+    from hf_freqcompress.budget import plan_by_cost
+
+    layers = [LayerDemand("a", 1000, 10, 1000), LayerDemand("b", 1000, 10, 1000), LayerDemand("c", 100, 10, 100)]
+    curves = [[(10, 5.0), (50, 1.0), (200, 0.5)], [(10, 0.5), (50, 0.4), (200, 0.3)], [(10, 2.0), (100, 0.0)]]
+    assert plan_by_cost(layers, 30, curves) == [10, 10, 10]
+    assert plan_by_cost(layers, 100, curves) == [50, 10, 40]  # a's first segment saves most per value, then c's
+    allocation = plan_by_cost(layers, 2000, curves)  # beyond every measured point: proportional up to the maxima
+    assert sum(allocation) == 2000 and allocation[2] == 100
+    for total in (37, 255, 1111):
+        allocation = plan_by_cost(layers, total, curves)
+        assert sum(allocation) == total and all(d.min_values <= a <= d.max_values for d, a in zip(layers, allocation))
+
+
+def test_plan_by_cost_ignores_noise_that_makes_more_values_look_worse():
+    from hf_freqcompress.budget import plan_by_cost
+
+    layers = [LayerDemand("a", 100, 1, 100), LayerDemand("b", 100, 1, 100)]
+    noisy = [[(10, 1.0), (20, 1.2), (40, 0.1)], [(10, 0.5), (40, 0.4)]]  # a's middle point is noise
+    assert plan_by_cost(layers, 50, noisy) == [40, 10]

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,14 +14,15 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from conftest import tiny_gpt2, tiny_hf_vit
-from huggingface_hub import ModelCard, constants
+from conftest import damaged_copy, tiny_gpt2, tiny_hf_vit
+from huggingface_hub import HfApi, ModelCard, constants
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from hf_freqcompress import (
+    HashedNetsConfig,
     available_methods,
     compress,
     finalize,
@@ -36,7 +36,6 @@ from hf_freqcompress import architecture, hub
 from hf_freqcompress.cli import main
 from hf_freqcompress.methods import CompressedWeight, MethodConfig, registry
 from hf_freqcompress.models import build_model
-from hub_server import start_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG, WEIGHTS = "compression_config.json", "model.safetensors"
@@ -238,7 +237,7 @@ def test_method_not_installed_is_a_clear_error(tmp_path, packed_method, monkeypa
 
 
 def test_hashednets_rebuild_caches_matches_construction():
-    model, _ = _compressed("vit_tiny")
+    model, _ = _compressed("vit_tiny", HashedNetsConfig(cache_indices=True))
     layer = model.blocks[0].attn.qkv.parametrizations.weight[0]
     expected = layer.signed_index.clone()
     layer.signed_index = torch.zeros_like(expected)
@@ -252,27 +251,12 @@ def test_hashednets_rebuild_caches_matches_construction():
 # -- the Hub --------------------------------------------------------------------
 
 
-@pytest.fixture
-def local_hub(monkeypatch, tmp_path):
-    server, state = start_hub()
-    endpoint = f"http://127.0.0.1:{server.server_port}"
-    monkeypatch.setenv("HF_ENDPOINT", endpoint)
-    monkeypatch.setenv("HF_TOKEN", "hf_dummy_test_token")
-    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
-    yield state
-    server.shutdown()
-    server.server_close()
-
-
 def test_push_then_load_by_repo_id_online_and_offline(local_hub, monkeypatch):
     model, x = _compressed("vit_tiny")
     url = push_to_hub(model, "user/tiny-vit", base_model="timm/vit_tiny_patch16_224.augreg_in21k")
     repo = local_hub.repos["user/tiny-vit"]
     assert url.endswith(f"/user/tiny-vit/commit/{repo.sha}")
-    assert sorted(repo.files) == ["README.md", CONFIG, WEIGHTS]
+    assert sorted(repo.files) == ["README.md", CONFIG, "config.json", WEIGHTS]
     assert ("POST", "/api/models/user/tiny-vit/commit/main") in local_hub.requests
     assert 'from_pretrained("user/tiny-vit")' in repo.files["README.md"].decode()
 
@@ -285,6 +269,62 @@ def test_push_then_load_by_repo_id_online_and_offline(local_hub, monkeypatch):
     again = from_pretrained("user/tiny-vit")  # from the cache, through huggingface_hub's offline path
     assert len(local_hub.requests) == served
     assert torch.equal(_logits(again, x), _logits(model, x))
+
+
+def test_loader_takes_the_hub_keyword_arguments(local_hub, tmp_path, monkeypatch):
+    first, x = _compressed("vit_tiny", seed=1)
+    second, _ = _compressed("vit_tiny", seed=2)
+    push_to_hub(first, "user/kw")
+    pinned = local_hub.repos["user/kw"].sha
+    push_to_hub(second, "user/kw")
+    HfApi().upload_folder(repo_id="user/kw", folder_path=save_pretrained(first, tmp_path / "sub"), path_in_repo="sub")
+    assert torch.equal(_logits(from_pretrained("user/kw", revision=pinned), x), _logits(first, x))
+    assert torch.equal(_logits(from_pretrained("user/kw"), x), _logits(second, x))
+    assert torch.equal(_logits(from_pretrained("user/kw", subfolder="sub"), x), _logits(first, x))
+    assert torch.equal(_logits(from_pretrained(tmp_path, subfolder="sub"), x), _logits(first, x))
+    with pytest.raises(ValueError, match="relative path inside the repo"):
+        from_pretrained("user/kw", subfolder="../outside")
+
+    cache = tmp_path / "own-cache"
+    from_pretrained("user/kw", cache_dir=cache, token="hf_explicit_token")
+    assert any(cache.rglob(WEIGHTS)) and "Bearer hf_explicit_token" in local_hub.authorizations
+    served = len(local_hub.requests)
+    assert torch.equal(_logits(from_pretrained("user/kw", cache_dir=cache, local_files_only=True), x), _logits(second, x))
+    assert len(local_hub.requests) == served
+    with pytest.raises(Exception, match="(?i)cache|local"):
+        from_pretrained("user/never-downloaded", local_files_only=True)
+
+
+def test_loader_dtype_and_device_map(tmp_path):
+    model, x = _compressed("gpt2")
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    half = from_pretrained(folder, dtype="bfloat16", device_map="auto")
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert torch.equal(_logits(half, x), _logits(model.to(torch.bfloat16), x))
+    assert next(from_pretrained(folder, device_map={"": "cpu"}).parameters()).device.type == "cpu"
+    with pytest.raises(ValueError, match="splits the model"):
+        from_pretrained(folder, device_map={"transformer": "cpu", "lm_head": "cpu"})
+    with pytest.raises(ValueError, match="device or device_map, not both"):
+        from_pretrained(folder, device="cpu", device_map="cpu")
+
+
+def test_timm_folder_has_a_timm_style_config(tmp_path):
+    model, _ = _compressed("vit_tiny")
+    folder = save_pretrained(model, tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architecture"] == "vit_tiny_patch16_224" and config["num_classes"] == 10
+    assert config["model_args"]["patch_size"] == 8 and config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    lenet = build_model("timm:mnist_lenet")
+    compress(lenet, budget="1/16")
+    config = json.loads((save_pretrained(lenet, tmp_path / "lenet") / "config.json").read_text())
+    assert config["architecture"] == "mnist_lenet" and config["num_features"] == 500
+
+
+def test_a_transformers_written_folder_points_to_the_auto_classes(tmp_path):
+    model, _ = _compressed("gpt2")
+    model.save_pretrained(tmp_path / "theirs")
+    with pytest.raises(FileNotFoundError, match="AutoModelFor"):
+        from_pretrained(tmp_path / "theirs")
 
 
 def test_cli_push_uploads_a_saved_folder(local_hub, tmp_path, capsys):
@@ -413,8 +453,7 @@ BAD_FOLDERS = {
 @pytest.mark.parametrize("case", sorted(BAD_FOLDERS))
 def test_bad_folder_is_refused_clearly_and_left_alone(saved_vit, tmp_path, case):
     damage, message = BAD_FOLDERS[case]
-    folder = shutil.copytree(saved_vit, tmp_path / "ckpt")
-    damage(folder)
+    folder = damaged_copy(saved_vit, tmp_path, damage)
     before = _snapshot(folder)
     with pytest.raises(ValueError, match=message):
         from_pretrained(folder)

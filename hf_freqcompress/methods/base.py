@@ -87,6 +87,8 @@ class CompressedWeight(nn.Module):
     """
 
     config_class: ClassVar[type[MethodConfig]]
+    linear_in_original: ClassVar[bool] = False
+    """Whether :meth:`reconstruct` is linear in ``original``: output-aware fits are then a least-squares problem."""
 
     def __init__(
         self,
@@ -129,6 +131,11 @@ class CompressedWeight(nn.Module):
         return spec.numel
 
     @classmethod
+    def links_layers(cls, config: MethodConfig) -> bool:
+        """Whether the layers of one call share stored numbers (so they cannot be fitted one by one)."""
+        return False
+
+    @classmethod
     def prepare_group(cls, members: Sequence["CompressedWeight"], weights: Sequence[torch.Tensor]) -> None:
         """Link the layers of one ``compress()`` call that share stored numbers; default: nothing.
 
@@ -140,6 +147,11 @@ class CompressedWeight(nn.Module):
         (a skeleton being loaded) carry no values to fit. Raising here leaves
         the model untouched.
         """
+
+    def index_sources(self) -> list:
+        """The hashed :class:`~.index.IndexSource` objects this layer reads through (none by default);
+        fits that rebuild many times pin them in memory for the duration."""
+        return []
 
     # -- training hooks (the training loop calls these through the model) ------
     def on_train_step(self, step: int) -> None:

@@ -188,6 +188,7 @@ class FreqRegConfig(MethodConfig):
 @register_method
 class FreqRegWeight(CompressedWeight):
     config_class = FreqRegConfig
+    linear_in_original = True
 
     def __init__(self, spec, layer_kind, config, stored_values, seed, device=None) -> None:
         super().__init__(spec, layer_kind, config, stored_values, seed, device)

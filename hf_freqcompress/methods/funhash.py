@@ -393,6 +393,15 @@ class FunHashWeight(CompressedWeight):
         if not config.shared_space:  # a shared space is sized and hashed into by prepare_group
             self._set_space_size(self.buckets, device)
 
+    @property
+    def linear_in_original(self) -> bool:
+        """A learned or fixed linear g over this layer's own space (not the mlp, not a shared space)."""
+        return self.config.reconstruction != "mlp" and not self.config.shared_space
+
+    @classmethod
+    def links_layers(cls, config: FunHashConfig) -> bool:
+        return config.shared_space
+
     # -- planning ---------------------------------------------------------------
     @classmethod
     def min_values(cls, spec: LayerSpec, config: FunHashConfig) -> int:
@@ -415,6 +424,9 @@ class FunHashWeight(CompressedWeight):
     def rebuild_caches(self, device: torch.device) -> None:
         """The index cache follows the current space size (a shared space is sized by ``prepare_group``)."""
         self._set_space_size(self.space_size, device)
+
+    def index_sources(self) -> list[IndexSource]:
+        return list(self._hashed)
 
     def _source(self, u: int) -> IndexSource:
         """Where hash u reads: h_u(i) + K [xi_u(i) < 0], cached or hashed on the fly."""

@@ -181,6 +181,7 @@ class HashedNetsConfig(MethodConfig):
 @register_method
 class HashedNetsWeight(CompressedWeight):
     config_class = HashedNetsConfig
+    linear_in_original = True
 
     def __init__(self, spec, layer_kind, config, stored_values, seed, device=None) -> None:
         super().__init__(spec, layer_kind, config, stored_values, seed, device)
@@ -233,6 +234,9 @@ class HashedNetsWeight(CompressedWeight):
         self.signed_index = self._hashed.materialize(device)
         if self.config.sorted_backward:
             self.sorted_order, self.row_starts = sort_rows(self.signed_index, self.table_rows)
+
+    def index_sources(self) -> list[IndexSource]:
+        return [self._hashed]
 
     def index_source(self) -> IndexSource:
         """The cached index when ``cache_indices``, else the hashes, evaluated where they are used."""

@@ -29,7 +29,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -124,6 +125,16 @@ class HashedIndex(IndexSource):
         self.fold = fold
         self.units, self.width = units, width
         self._params = {"cpu": tuple(torch.tensor(p, dtype=torch.int64) for p in params)}
+        self._pinned: CachedIndex | None = None
+
+    @contextmanager
+    def pinned(self, device: torch.device) -> Iterator[None]:
+        """Serve the index from memory for the block: for many rebuilds in a row (iterative fits at compress time)."""
+        self._pinned = CachedIndex(self.materialize(device), self.width)
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def params(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """The fold's constants on ``device`` (copied there once)."""
@@ -133,20 +144,25 @@ class HashedIndex(IndexSource):
         return self._params[key]
 
     def rows(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
+        if self._pinned is not None:
+            return self._pinned.rows(start, stop, device)
         if _compiles(device):
             return _run_compiled(device, _compiled(self.fold).rows, HashedIndex._eager_rows, self, start, stop, device)
         return self._eager_rows(start, stop, device)
 
     def fused(self, device: torch.device) -> bool:
-        return _compiles(device)
+        return self._pinned is None and _compiles(device)
 
     def take(self, table: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        if not _compiles(table.device):
+        if not self.fused(table.device):
             return super().take(table, start, stop)
         return _run_compiled(table.device, _compiled(self.fold).take, HashedIndex._eager_take, self, table, start, stop)
 
     def take_into(self, table: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
-        if _compiles(table.device):
+        if self._pinned is not None:
+            self._pinned.take_into(table, start, stop, out)
+            return
+        if self.fused(table.device):
             out.copy_(self.take(table, start, stop))
             return
         step = max(1, _CHUNK_UNITS // self.width)  # the int64 positions and index never exceed a chunk

@@ -240,6 +240,7 @@ class PQWeight(CompressedWeight):
     """W = codebooks gathered by fixed codes; the codebooks are the trainable ``original``."""
 
     config_class = PQConfig
+    linear_in_original = True  # in the codebooks, for the codes k-means chose
 
     def __init__(self, spec, layer_kind, config, stored_values, seed, device=None) -> None:
         super().__init__(spec, layer_kind, config, stored_values, seed, device)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .recipe import DataSection
 
-__all__ = ["EpochShuffleSampler", "build_dataset", "build_loaders", "unpack_batch"]
+__all__ = ["EpochShuffleSampler", "build_dataset", "build_loaders", "calibration_batches", "unpack_batch"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -93,3 +93,16 @@ def unpack_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(batch, dict):
         return batch["pixel_values"], batch["labels"]
     return batch[0], batch[1]
+
+
+def calibration_batches(
+    data: DataSection, split: str, count: int, batch_size: int, seed: int, model: nn.Module | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of ``batch_size`` examples of ``split`` (evaluation transforms), a seeded random
+    sample, for ``compress(calibration=...)``: the same batches in every process and run."""
+    dataset = build_dataset(data, split, train=False, model=model)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(dataset), generator=generator)[: count * batch_size].tolist()
+    loader = DataLoader(Subset(dataset, chosen), batch_size=batch_size, shuffle=False)
+    return [unpack_batch(batch) for batch in loader]
+

@@ -20,7 +20,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..recompute import enable_weight_recompute
 from ..regularizers import get_regularizer
 from ..report import CompressionReport
 from .evaluation import evaluate
-from .loaders import build_loaders, unpack_batch
+from .loaders import build_loaders, calibration_batches, unpack_batch
 from .losses import NamedPenalty, TrainingLoss
 from .metrics import MetricsLog, available_trackers
 from .recipe import Recipe, RecipeError, validate_recipe
@@ -163,15 +163,65 @@ def _penalties(recipe: Recipe) -> list[NamedPenalty]:
     return [NamedPenalty(r.name, r.weight, get_regularizer(r.name, **r.options)) for r in recipe.regularizers]
 
 
+@dataclass
+class _Run:
+    """Everything one training run works on, passed between its steps."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    model: nn.Module  # as prepared by accelerate (maybe wrapped)
+    bare_model: nn.Module
+    report: CompressionReport
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_loader: Any
+    eval_loader: Any
+    sampler: Any
+    loss_fn: TrainingLoss
+    progress: Progress
+    metrics_log: MetricsLog
+    output_dir: Path
+    total_steps: int
+    steps_per_epoch: int
+    stopped: bool = False
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    window: dict[str, torch.Tensor] = field(default_factory=dict)
+    window_batches: int = 0
+    bar: Any = None
+
+
 def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
     """Compress the recipe's model, fine-tune it, evaluate it and save it; see the module docstring."""
     validate_recipe(recipe)
-    settings = recipe.training
     output_dir = Path(recipe.output.dir)
     _check_output_dir(output_dir, recipe.output.overwrite, resume_from is not None)
     resume_dir = resolve_resume(resume_from) if resume_from is not None else None
     trackers = available_trackers(recipe.output.log_with)
-    accelerator = Accelerator(
+    accelerator = _accelerator(recipe, output_dir, trackers)
+    set_seed(recipe.training.seed)
+    model, teacher, report = _compressed_model(recipe)
+    run = _prepare(recipe, accelerator, model, teacher, report, output_dir, resume_dir)
+    if trackers:
+        accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
+    _announce(run)
+    start = time.perf_counter()
+    run.bar = tqdm(total=run.total_steps, initial=run.progress.global_step,
+                   disable=not accelerator.is_local_main_process, desc=recipe.name, dynamic_ncols=True)
+    while run.progress.global_step < run.total_steps and not run.stopped:
+        _run_epoch(run)
+    run.bar.close()
+    seconds = time.perf_counter() - start
+    model_dir = _finish(run, seconds) if not run.stopped else None
+    if run.stopped:
+        accelerator.print(f"{recipe.name}: stopped after {run.progress.global_step} steps; resume with --resume {output_dir}")
+    accelerator.end_training()
+    return TrainResult(recipe, accelerator, run.bare_model, report, run.eval_metrics, run.progress.global_step,
+                       run.stopped, seconds, output_dir, model_dir)
+
+
+def _accelerator(recipe: Recipe, output_dir: Path, trackers: list[str]) -> Accelerator:
+    settings = recipe.training
+    return Accelerator(
         # Without cpu=True accelerate treats torchrun's processes on an accelerator-less machine as
         # independent runs; with it, they form one gloo process group (multi-CPU data parallel).
         cpu=settings.cpu or not torch.accelerator.is_available(),
@@ -180,27 +230,41 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         log_with=trackers or None,
         project_dir=str(output_dir),
     )
-    set_seed(settings.seed)
 
-    source = recipe.model
+
+def _compressed_model(recipe: Recipe) -> tuple[nn.Module, nn.Module | None, CompressionReport]:
+    """The recipe's model with its weights, the dense teacher (when distilling), compressed; recompute if asked."""
+    source, spec = recipe.model, recipe.compression
     model = build_model(
         source.name, pretrained=source.pretrained, revision=source.revision,
         trust_remote_code=source.trust_remote_code, **source.kwargs,
     )
-    if recipe.model.checkpoint:
-        _load_dense_checkpoint(model, recipe.model.checkpoint)
+    if source.checkpoint:
+        _load_dense_checkpoint(model, source.checkpoint)
     teacher = copy.deepcopy(model) if recipe.distillation.enabled else None
-    spec = recipe.compression
+    calibration = calibration_batches(
+        recipe.data, spec.calibration_split or recipe.data.train_split, spec.calibration_batches,
+        recipe.data.batch_size, spec.seed, model,
+    ) if spec.calibration_batches else None
     try:
         report = compress(
             model, budget=spec.budget, method={"method": spec.method, **spec.options}, targets=spec.targets,
-            exclude=spec.exclude, seed=spec.seed, storage_dtype=spec.storage_dtype,
-            init=spec.init,
+            exclude=spec.exclude, seed=spec.seed, storage_dtype=spec.storage_dtype, init=spec.init,
+            calibration=calibration, strategy=spec.strategy, seed_trials=spec.seed_trials,
         )
     except ValueError as error:
         raise RecipeError(f"compression: {error}") from None
-    if settings.weight_recompute:
+    if recipe.training.weight_recompute:
         enable_weight_recompute(model)
+    return model, teacher, report
+
+
+def _prepare(
+    recipe: Recipe, accelerator: Accelerator, model: nn.Module, teacher: nn.Module | None,
+    report: CompressionReport, output_dir: Path, resume_dir: Path | None,
+) -> _Run:
+    """Loaders, loss, optimizer and schedule, prepared by accelerate; the state restored when resuming."""
+    settings = recipe.training
     train_loader, eval_loader, sampler = build_loaders(recipe.data, settings.seed, model)
     loss_fn = TrainingLoss(
         teacher=teacher.to(accelerator.device) if teacher is not None else None,
@@ -210,10 +274,8 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
         label_smoothing=settings.label_smoothing,
         penalties=_penalties(recipe),
     )
-
     optimizer = _build_optimizer(recipe, model)
     model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    bare_model = accelerator.unwrap_model(model)
     steps_per_epoch = math.ceil(len(train_loader) / settings.gradient_accumulation_steps)
     total_steps = settings.epochs * steps_per_epoch
     if settings.max_steps is not None:
@@ -229,102 +291,113 @@ def train(recipe: Recipe, resume_from: str | Path | None = None) -> TrainResult:
             accelerator.register_for_checkpointing(penalty.fn)
     if resume_dir is not None:
         accelerator.load_state(str(resume_dir))
-
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False), encoding="utf-8")
-    if trackers:
-        accelerator.init_trackers(recipe.name, config=_flat(recipe.to_dict()))
-    metrics_log = MetricsLog(accelerator, output_dir)
-    accelerator.print(report)
+    return _Run(recipe, accelerator, model, accelerator.unwrap_model(model), report, optimizer, scheduler,
+                train_loader, eval_loader, sampler, loss_fn, progress, MetricsLog(accelerator, output_dir),
+                output_dir, total_steps, steps_per_epoch)
+
+
+def _announce(run: _Run) -> None:
+    accelerator, settings = run.accelerator, run.recipe.training
+    accelerator.print(run.report)
     accelerator.print(
-        f"training {recipe.name}: {total_steps} optimizer steps ({settings.epochs} epoch(s) x {steps_per_epoch}), "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        f"training {run.recipe.name}: {run.total_steps} optimizer steps ({settings.epochs} epoch(s) x "
+        f"{run.steps_per_epoch}), {accelerator.num_processes} process(es) on {accelerator.device}, "
+        f"mixed precision {accelerator.mixed_precision}"
     )
 
-    def save_state() -> None:
-        accelerator.save_state(str(output_dir / CHECKPOINTS / f"step_{progress.global_step}"))
 
-    start = time.perf_counter()
-    stopped = False
-    eval_metrics: dict[str, float] = {}
-    window: dict[str, torch.Tensor] = {}
-    window_batches = 0
-    bar = tqdm(total=total_steps, initial=progress.global_step, disable=not accelerator.is_local_main_process,
-               desc=recipe.name, dynamic_ncols=True)
-    while progress.global_step < total_steps and not stopped:
-        epoch = progress.epoch
-        sampler.use_epoch(epoch)
-        loader = train_loader
-        if progress.batches_in_epoch:
-            loader = accelerator.skip_first_batches(train_loader, progress.batches_in_epoch)
-        model.train()
-        for batch in loader:
-            inputs, labels = unpack_batch(batch)
-            with accelerator.accumulate(model):
-                loss, terms = loss_fn(model, bare_model, inputs, labels, accelerator.autocast)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and settings.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            progress.batches_in_epoch += 1
-            for key, value in terms.items():  # tensors: no device sync until a log step
-                window[key] = window[key] + value if key in window else value
-            window_batches += 1
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            progress.global_step += 1
-            on_train_step(bare_model, progress.global_step)
-            bar.update(1)
-            if progress.global_step % settings.log_every_steps == 0 or progress.global_step == total_steps:
-                means = accelerator.reduce(torch.stack(list(window.values())).float() / window_batches, "mean")
-                averaged = dict(zip(window, means.tolist()))
-                averaged["lr"] = scheduler.get_last_lr()[0]
-                metrics_log.log(averaged, progress.global_step, epoch)
-                bar.set_postfix(loss=f"{averaged['loss']:.4f}")
-                window, window_batches = {}, 0
-            if settings.checkpoint_every_steps and progress.global_step % settings.checkpoint_every_steps == 0:
-                save_state()
-            if settings.stop_after_steps is not None and progress.global_step >= settings.stop_after_steps:
-                stopped = progress.global_step < total_steps
-                if stopped:
-                    save_state()
-                    break
-            if progress.global_step >= total_steps:
-                break
-        else:
-            progress.epoch, progress.batches_in_epoch = epoch + 1, 0
-            if (epoch + 1) % settings.eval_every_epochs == 0 and progress.global_step < total_steps:
-                eval_metrics = evaluate(model, eval_loader, accelerator)
-                metrics_log.log(eval_metrics, progress.global_step, epoch)
-    bar.close()
-    seconds = time.perf_counter() - start
+def _run_epoch(run: _Run) -> None:
+    """Train the rest of the current epoch (from where a resume left it); evaluate when it ends."""
+    progress, accelerator = run.progress, run.accelerator
+    epoch = progress.epoch
+    run.sampler.use_epoch(epoch)
+    loader = run.train_loader
+    if progress.batches_in_epoch:
+        loader = accelerator.skip_first_batches(run.train_loader, progress.batches_in_epoch)
+    run.model.train()
+    for batch in loader:
+        _train_batch(run, batch)
+        if accelerator.sync_gradients and _after_optimizer_step(run, epoch):
+            return
+    progress.epoch, progress.batches_in_epoch = epoch + 1, 0
+    if (epoch + 1) % run.recipe.training.eval_every_epochs == 0 and progress.global_step < run.total_steps:
+        run.eval_metrics = evaluate(run.model, run.eval_loader, accelerator)
+        run.metrics_log.log(run.eval_metrics, progress.global_step, epoch)
 
+
+def _train_batch(run: _Run, batch: Any) -> None:
+    """Forward, backward and (at accumulation boundaries) the optimizer step; the loss terms are summed up."""
+    accelerator, settings = run.accelerator, run.recipe.training
+    inputs, labels = unpack_batch(batch)
+    with accelerator.accumulate(run.model):
+        loss, terms = run.loss_fn(run.model, run.bare_model, inputs, labels, accelerator.autocast)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and settings.max_grad_norm is not None:
+            accelerator.clip_grad_norm_(run.model.parameters(), settings.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.progress.batches_in_epoch += 1
+    for key, value in terms.items():  # tensors: no device sync until a log step
+        run.window[key] = run.window[key] + value if key in run.window else value
+    run.window_batches += 1
+
+
+def _after_optimizer_step(run: _Run, epoch: int) -> bool:
+    """Schedules, logging and checkpoints after an optimizer step; True when the run must leave the epoch."""
+    progress, settings = run.progress, run.recipe.training
+    run.scheduler.step()
+    progress.global_step += 1
+    on_train_step(run.bare_model, progress.global_step)
+    run.bar.update(1)
+    if progress.global_step % settings.log_every_steps == 0 or progress.global_step == run.total_steps:
+        _log_window(run, epoch)
+    if settings.checkpoint_every_steps and progress.global_step % settings.checkpoint_every_steps == 0:
+        _save_state(run)
+    if settings.stop_after_steps is not None and progress.global_step >= settings.stop_after_steps:
+        run.stopped = progress.global_step < run.total_steps
+        if run.stopped:
+            _save_state(run)
+            return True
+    return progress.global_step >= run.total_steps
+
+
+def _log_window(run: _Run, epoch: int) -> None:
+    means = run.accelerator.reduce(torch.stack(list(run.window.values())).float() / run.window_batches, "mean")
+    averaged = dict(zip(run.window, means.tolist()))
+    averaged["lr"] = run.scheduler.get_last_lr()[0]
+    run.metrics_log.log(averaged, run.progress.global_step, epoch)
+    run.bar.set_postfix(loss=f"{averaged['loss']:.4f}")
+    run.window, run.window_batches = {}, 0
+
+
+def _save_state(run: _Run) -> None:
+    run.accelerator.save_state(str(run.output_dir / CHECKPOINTS / f"step_{run.progress.global_step}"))
+
+
+def _finish(run: _Run, seconds: float) -> Path | None:
+    """Close the schedules, evaluate, save the model and the summary; the saved folder (None: not saved)."""
+    accelerator, progress = run.accelerator, run.progress
+    finalize(run.bare_model)
+    run.eval_metrics = evaluate(run.model, run.eval_loader, accelerator)
+    run.metrics_log.log({**run.eval_metrics, "train_seconds": seconds}, progress.global_step, progress.epoch)
+    accelerator.print(
+        f"{run.recipe.name}: test accuracy {run.eval_metrics['eval_accuracy']:.2f}% "
+        f"({run.eval_metrics['eval_examples']} examples) after {progress.global_step} steps, {seconds:.1f}s"
+    )
     model_dir = None
-    if not stopped:
-        finalize(bare_model)
-        eval_metrics = evaluate(model, eval_loader, accelerator)
-        metrics_log.log({**eval_metrics, "train_seconds": seconds}, progress.global_step, progress.epoch)
-        accelerator.print(
-            f"{recipe.name}: test accuracy {eval_metrics['eval_accuracy']:.2f}% "
-            f"({eval_metrics['eval_examples']} examples) after {progress.global_step} steps, {seconds:.1f}s"
-        )
-        if recipe.output.save_model:
-            model_dir = save_model(accelerator, model, output_dir / MODEL_DIR, eval_metrics)
-            accelerator.print(f"saved the compressed model to {model_dir}")
-        if accelerator.is_main_process:
-            summary = {
-                "recipe": recipe.name, "steps": progress.global_step, "seconds": seconds,
-                "processes": accelerator.num_processes, **eval_metrics, "report": report.to_dict(),
-            }
-            (output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    else:
-        accelerator.print(f"{recipe.name}: stopped after {progress.global_step} steps; resume with --resume {output_dir}")
-    accelerator.end_training()
-    return TrainResult(recipe, accelerator, bare_model, report, eval_metrics, progress.global_step, stopped, seconds,
-                       output_dir, model_dir)
+    if run.recipe.output.save_model:
+        model_dir = save_model(accelerator, run.model, run.output_dir / MODEL_DIR, run.eval_metrics)
+        accelerator.print(f"saved the compressed model to {model_dir}")
+    if accelerator.is_main_process:
+        summary = {
+            "recipe": run.recipe.name, "steps": progress.global_step, "seconds": seconds,
+            "processes": accelerator.num_processes, **run.eval_metrics, "report": run.report.to_dict(),
+        }
+        (run.output_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return model_dir
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

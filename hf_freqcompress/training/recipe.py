@@ -70,7 +70,14 @@ class ModelSection:
 
 @dataclass
 class CompressionSection:
-    """The arguments of ``compress()``; ``options`` are the method's config fields."""
+    """The arguments of ``compress()``; ``options`` are the method's config fields.
+
+    ``calibration_batches`` > 0 fits the compression to that many batches
+    (``data.batch_size`` each, a seeded random sample of ``calibration_split``,
+    by default the training split): output-aware fits, and with ``strategy:
+    sensitivity`` / ``seed_trials`` > 1 the measured budget split and seed
+    choice (``compress(calibration=...)``).
+    """
 
     method: str = "hashednets"
     options: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +87,10 @@ class CompressionSection:
     seed: int = 0
     storage_dtype: str | None = None
     init: str = "project"
+    calibration_batches: int = 0
+    calibration_split: str | None = None
+    strategy: str = "proportional"
+    seed_trials: int = 1
 
 
 @dataclass
@@ -336,11 +347,13 @@ _CHOICES = {
     "optimizer.name": ("sgd", "adamw"),
     "schedule.name": ("cosine", "linear", "constant"),
     "training.mixed_precision": ("no", "fp16", "bf16"),
+    "compression.strategy": ("proportional", "sensitivity"),
 }
 _POSITIVE = (
     "data.batch_size", "data.eval_batch_size", "data.image_size", "training.epochs",
     "training.gradient_accumulation_steps", "training.log_every_steps", "training.eval_every_epochs",
     "data.limit_train", "data.limit_eval", "training.max_steps", "training.stop_after_steps",
+    "compression.seed_trials",
 )
 
 
@@ -349,6 +362,16 @@ def _get(recipe: Recipe, dotted: str) -> Any:
     for part in dotted.split("."):
         value = getattr(value, part)
     return value
+
+
+def _check_calibration(section: CompressionSection) -> None:
+    if section.calibration_batches < 0:
+        raise RecipeError(f"compression.calibration_batches must be >= 0 (0: none), got {section.calibration_batches}")
+    if not section.calibration_batches and (section.strategy == "sensitivity" or section.seed_trials > 1):
+        raise RecipeError(
+            "compression.strategy: sensitivity and compression.seed_trials > 1 measure the model on real inputs: "
+            "set compression.calibration_batches (e.g. 8)"
+        )
 
 
 def validate_recipe(recipe: Recipe) -> None:
@@ -369,6 +392,7 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError("distillation.alpha must be in [0, 1] and distillation.temperature > 0")
     if not 0.0 <= recipe.training.label_smoothing < 1.0:
         raise RecipeError(f"training.label_smoothing must be in [0, 1), got {recipe.training.label_smoothing}")
+    _check_calibration(recipe.compression)
     method = recipe.compression.method
     if method not in available_methods():
         raise RecipeError(

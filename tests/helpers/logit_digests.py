@@ -18,12 +18,16 @@ import torch
 from hf_freqcompress import from_pretrained
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes: equal digests mean bit-identical values."""
+    return hashlib.sha256(tensor.detach().contiguous().numpy().tobytes()).hexdigest()
+
+
 def logit_digest(model: torch.nn.Module, x: torch.Tensor) -> str:
     """SHA-256 of the model's logits on ``x``: equal digests mean bit-identical outputs."""
     with torch.no_grad():
         out = model(x)
-    logits = getattr(out, "logits", out)
-    return hashlib.sha256(logits.detach().contiguous().numpy().tobytes()).hexdigest()
+    return tensor_digest(getattr(out, "logits", out))
 
 
 def fixed_input(shape: tuple[int, ...]) -> torch.Tensor:
