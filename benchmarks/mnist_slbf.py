@@ -127,7 +127,7 @@ def perf_rows(model: nn.Module, x: torch.Tensor) -> list[dict[str, Any]]:
     """Path (a) vs (b) per conv on a batch of test images, and the auto pick."""
     model.eval()
     rows = []
-    for choice in choose_conv_forward(model, x, mode="auto", repeats=5):
+    for choice in choose_conv_forward(model, x, mode="autotune", repeats=5):
         rows.append({"model": "vgg_mnist_32-64-64-128", "method": "binary_stack", "budget": CONV_BUDGET,
                      "metric": "split_vs_materialize_ms", "layer": choice.layer, "batch": len(x),
                      "materialize_ms": round(choice.materialize_ms, 3), "split_ms": round(choice.split_ms, 3),

@@ -7,18 +7,21 @@ the weight on the fly; the model still trains, saves and loads as usual.
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from .api import compress, finalize, get_reports, materialize, on_train_step, regularization
 from .budget import parse_budget
-from .hub import from_pretrained, push_folder, push_to_hub, save_pretrained
 from .layers import LayerKind, register_layer_kind
 from .methods import (
     BinaryStackConfig,
+    CompressedWeight,
     FreqRegConfig,
     FreshNetsConfig,
     FunHashConfig,
     HashedNetsConfig,
+    LayerSpec,
     MethodConfig,
     PQConfig,
     available_methods,
@@ -34,6 +37,15 @@ except PackageNotFoundError:  # running from a source tree without installing
     __version__ = "0.0.0.dev0"
 
 register_transformers()  # AutoModelFor*.from_pretrained loads compressed checkpoints (transformers imported lazily)
+
+_LAZY = {name: "hub" for name in ("save_pretrained", "from_pretrained", "push_to_hub", "push_folder")}
+"""Names imported on first use: saving and loading pull in huggingface_hub, safetensors and accelerate."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "compress",
@@ -61,6 +73,8 @@ __all__ = [
     "BinaryStackConfig",
     "available_methods",
     "register_method",
+    "CompressedWeight",
+    "LayerSpec",
     "LayerKind",
     "register_layer_kind",
     "__version__",

@@ -9,8 +9,8 @@ axes=dims)`` and ``idctn``.
 
 Adjacent transformed dims whose joint size is small (kernel dims) are fused
 into one Kronecker basis: a (512, 512, 3, 3) weight is then a single
-(262144, 9) @ (9, 9) GEMM, measured ~6x faster on CPU than a batched matmul
-of 262144 tiny 3x3 products. Large dims are never fused, so no basis ever
+(262144, 9) @ (9, 9) GEMM, much faster on CPU than a batched matmul of
+262144 tiny 3x3 products. Large dims are never fused, so no basis ever
 grows beyond ``max(n, _FUSE_LIMIT) ** 2`` entries.
 
 Bases are built in float64 on the CPU and then cast and moved, so every
@@ -35,7 +35,7 @@ __all__ = [
 # loses from 16x16 on, so 64 (8x8) keeps a clear margin.
 _FUSE_LIMIT = 64
 
-# CPU float16 GEMM is ~30x slower than float32 and both half types would round
+# CPU float16 GEMM is far slower than float32 and both half types would round
 # after every dim, so on CPU they are computed in float32 and rounded once.
 _CPU_UPCAST = (torch.float16, torch.bfloat16)
 

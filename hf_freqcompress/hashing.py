@@ -25,7 +25,10 @@ import torch
 MASK32 = 0xFFFFFFFF
 _MULTIPLIER = 0x45D9F3B
 
-__all__ = ["layer_key", "hash32", "hash_bits", "bucket_of", "sign_bit", "chunk_length", "chunk_slices"]
+__all__ = [
+    "layer_key", "hash32", "hash_bits", "hash_bits_mixed", "mixed_key", "bucket_of", "sign_bit", "chunk_length", "chunk_slices", "floor_divide",
+    "chunk_tables",
+]
 
 
 def _mix32(x):
@@ -86,10 +89,20 @@ def hash_bits(index: torch.Tensor, key: int | torch.Tensor) -> torch.Tensor:
     No data-dependent branch, so it compiles into one loop; :func:`bucket_of`
     and :func:`sign_bit` take the bits directly.
     """
-    inner = _mix32(key & MASK32) if isinstance(key, int) else _mix32(_low_bits(key))
-    if isinstance(inner, int):
-        inner = inner - (1 << 32) if inner >= 1 << 31 else inner  # the int32 with these bits
-    return _mix32(_low_bits(index) ^ inner)
+    inner = mixed_key(key) if isinstance(key, int) else _mix32(_low_bits(key))
+    return hash_bits_mixed(index, inner)
+
+
+def mixed_key(key: int) -> int:
+    """The inner mix of a 32-bit ``key`` as the int32 value with its bits: what :func:`hash_bits_mixed` takes, so a
+    fold with one key per column mixes them once, not once per element."""
+    inner = _mix32(key & MASK32)
+    return inner - (1 << 32) if inner >= 1 << 31 else inner
+
+
+def hash_bits_mixed(index: torch.Tensor, inner: int | torch.Tensor) -> torch.Tensor:
+    """:func:`hash_bits` given the key's inner mix (:func:`mixed_key`) instead of the key."""
+    return _mix32(_low_bits(index) ^ (_low_bits(inner) if isinstance(inner, torch.Tensor) else inner))
 
 
 def bucket_of(hashed: torch.Tensor, buckets: int | torch.Tensor) -> torch.Tensor:
@@ -143,3 +156,31 @@ def chunk_slices(
     first = start * buckets // numel
     last = (start + chunk).clamp(max=numel) * buckets // numel
     return first, last - first
+
+
+def floor_divide(x: torch.Tensor, divisor: torch.Tensor, reciprocal: torch.Tensor) -> torch.Tensor:
+    """``x // divisor`` for int64 ``x`` in [0, 2**33) and positive ``divisor``, without an integer division.
+
+    SIMD units have no integer divide, and a scalar one costs tens of cycles
+    per element. ``floor(x * reciprocal)`` in float64 (``reciprocal`` = 1 /
+    divisor) is within one of the quotient for these magnitudes (relative
+    error 2**-52 on a quotient below 2**33), and one exact integer check
+    each way corrects it: the same integers as ``//``, on any device.
+    """
+    quotient = (x.to(torch.float64) * reciprocal).floor().to(torch.int64)
+    quotient += (x >= (quotient + 1) * divisor).to(torch.int64)
+    quotient -= (x < quotient * divisor).to(torch.int64)
+    return quotient
+
+
+def chunk_tables(numel: int, buckets: int, locality: int) -> tuple[int, list[int], list[int]]:
+    """(chunk length C, first bucket, bucket count) of every chunk of :func:`chunk_slices`, as Python lists.
+
+    A hashed layer's fold then looks its chunk's slice up (chunk = position // C)
+    instead of dividing per element.
+    """
+    chunk = chunk_length(numel, buckets, locality)
+    starts = torch.arange(0, numel, chunk, dtype=torch.int64)
+    first, count = chunk_slices(starts, numel, buckets, locality)
+    return chunk, first.tolist(), count.tolist()
+

@@ -29,7 +29,7 @@ from torch import nn
 
 from .hashing import layer_key
 from .kmeans import kmeans, nearest_centroids
-from .methods.pq import PQLayout
+from .methods import PQLayout
 from .surgery import MIN_LAYER_VALUES, Patterns, Target, select_targets
 
 __all__ = [

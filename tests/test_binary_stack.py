@@ -268,14 +268,14 @@ def test_choose_conv_forward_installs_and_removes_the_split_path():
     compress(model, budget="1/4", method=BinaryStackConfig(bank_size=8), targets=["0", "2"])
     x = torch.randn(2, 8, 6, 6)
     with pytest.raises(ValueError, match="finalize"):
-        choose_conv_forward(model, x)
+        choose_conv_forward(model, x, mode="autotune")
     finalize(model)
     expected = model(x)
     choices = choose_conv_forward(model, x, mode="split")
     assert [c.chosen for c in choices] == ["split", "split"] and all(c.split_ms > 0 for c in choices)
     assert split_forward_layers(model) == ["0", "2"]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
-    auto = choose_conv_forward(model, x)
+    auto = choose_conv_forward(model, x, mode="autotune")
     assert all(c.chosen == ("split" if c.split_ms < c.materialize_ms else "materialize") for c in auto)
     choose_conv_forward(model, x, mode="materialize")
     assert split_forward_layers(model) == []
@@ -288,7 +288,7 @@ def test_split_path_refuses_custom_conv_forwards():
     finalize(model)
     with pytest.raises(ValueError, match="Conv2dSame"):
         binary_stack_conv2d(torch.randn(1, 8, 5, 5), p, model[0])
-    assert choose_conv_forward(model, torch.randn(1, 8, 5, 5)) == []
+    assert choose_conv_forward(model, torch.randn(1, 8, 5, 5), mode="autotune") == []
 
 
 # -- model zoo: every conv layer of timm vgg16 and resnet18 -----------------------------------------------

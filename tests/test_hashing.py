@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from hf_freqcompress.hashing import bucket_of, hash32, hash_bits, layer_key, sign_bit
+from hf_freqcompress.hashing import bucket_of, chunk_slices, chunk_tables, floor_divide, hash32, hash_bits, layer_key, sign_bit
 from hf_freqcompress.methods.hashednets import fold_signed
 
 MASK = 0xFFFFFFFF
@@ -43,7 +43,7 @@ def test_hash_is_uniform_and_signs_balanced():
 def test_index_and_sign_hashes_are_independent():
     index = torch.arange(100_000)
     keys = torch.tensor(layer_key(0, "w", "index")), torch.tensor(layer_key(0, "w", "sign"))
-    folded = fold_signed(index, *keys, torch.tensor(2))
+    folded = fold_signed(index, index, *keys, torch.tensor(2))
     joint = torch.bincount(folded, minlength=4).double() / index.numel()
     assert torch.allclose(joint, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01)
 
@@ -102,3 +102,21 @@ def test_bad_inputs():
         hash32(torch.arange(3, dtype=torch.int32), 1)
     with pytest.raises(ValueError, match="bucket count"):
         bucket_of(torch.arange(3), 0)
+
+
+def test_floor_divide_is_integer_division_without_dividing():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randint(0, 2**33, (100_000,), generator=generator), torch.arange(0, 5000)])
+    for divisor in (1, 3, 7, 9, 49, 65536, 1_000_003, 2**31 - 1):
+        quotient = floor_divide(x, torch.tensor(divisor), torch.tensor(1.0 / divisor, dtype=torch.float64))
+        assert torch.equal(quotient, x // divisor)
+    multiples = torch.arange(1, 10_000) * 9  # exact multiples: where a float quotient would round either way
+    assert torch.equal(floor_divide(multiples, torch.tensor(9), torch.tensor(1 / 9, dtype=torch.float64)), multiples // 9)
+
+
+def test_chunk_tables_list_every_chunk_slice():
+    chunk, first, count = chunk_tables(240, 37, 64)
+    expected_first, expected_count = chunk_slices(torch.arange(240), 240, 37, 64)
+    for position in range(240):
+        assert first[position // chunk] == expected_first[position] and count[position // chunk] == expected_count[position]
+

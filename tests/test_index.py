@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from hf_freqcompress import compress
+from hf_freqcompress.hashing import chunk_tables
 from hf_freqcompress.methods import index
 from hf_freqcompress.methods.freshnets import fold_bands
 from hf_freqcompress.methods.hashednets import fold_signed, fold_signed_local
@@ -45,9 +46,10 @@ def test_every_layout_hashes_to_its_golden_index(case):
 
 
 def _sources() -> dict[str, HashedIndex]:
+    chunk, first, count = chunk_tables(1000, 37, 64)
     return {
         "global": HashedIndex(fold_signed, (11, 22, 37), 1000),
-        "local": HashedIndex(fold_signed_local, (11, 22, 37, 1000, 64), 1000),
+        "local": HashedIndex(fold_signed_local, (11, 22, 37, chunk, 1.0 / chunk, first, count), 1000),
         "bands": HashedIndex(fold_bands, ([1, 2, 3], [4, 5, 6], [5, 7, 9], [0, 5, 12], 21), 77, 3),
     }
 
@@ -64,17 +66,6 @@ def test_compiled_eager_and_cached_agree_on_every_range(monkeypatch, name):
     cached = CachedIndex(source.materialize(None), source.width)
     assert torch.equal(compiled_rows, eager_rows) and torch.equal(cached.rows(0, source.units, table.device), eager_rows)
     assert torch.equal(compiled_take, source.take(table, 3, 50)) and torch.equal(compiled_take, cached.take(table, 3, 50))
-
-
-def test_scatter_add_is_the_gather_backward():
-    source = _sources()["local"]
-    table = torch.randn(74, dtype=torch.float64, requires_grad=True)
-    upstream = torch.randn(1000, dtype=torch.float64)
-    (expected,) = torch.autograd.grad(table.index_select(0, source.materialize(None)), table, upstream)
-    grad = torch.zeros(74, dtype=torch.float64)
-    source.scatter_add(grad, upstream, 0, 600)
-    source.scatter_add(grad, upstream, 600, 1000)
-    assert torch.allclose(grad, expected, rtol=0, atol=1e-12)
 
 
 def test_a_failed_compile_warns_once_and_hashes_eagerly(monkeypatch):

@@ -246,6 +246,12 @@ def hashed_resnet18() -> nn.Module:
     return resnet18("hashednets")
 
 
+SCATTER_WORKSPACE = 16 * 2**20
+"""What a hashed layer's backward allocates besides its weight and gradient, whatever the layer's size: one
+piece's int32 index (methods/gather.py's _PIECE_VALUES), the eager fold's int64 temporaries of one chunk and
+the per-thread gradient tables."""
+
+
 def test_rebuilt_weights_are_not_kept_for_backward(eager_kernels, hashed_resnet18):
     """After forward only activations stay; backward holds about two dense layers at a time (W and its gradient)."""
     default, recompute = pair(copy.deepcopy(hashed_resnet18))
@@ -258,7 +264,7 @@ def test_rebuilt_weights_are_not_kept_for_backward(eager_kernels, hashed_resnet1
     assert held_default >= activations + 0.9 * sum(weights)  # the probe sees the rebuilt weights
     assert peak_default >= sum(weights)
     assert held <= activations * 1.05 + 2**16
-    assert peak <= held + 2.5 * max(weights)
+    assert peak <= held + 2.5 * max(weights) + SCATTER_WORKSPACE
 
 
 def test_streamed_inference_keeps_one_rebuilt_weight_and_cached_keeps_all(eager_kernels, hashed_resnet18):

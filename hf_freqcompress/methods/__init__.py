@@ -8,7 +8,7 @@ from .freqreg import FreqRegConfig
 from .freshnets import FreshNetsConfig
 from .funhash import FunHashConfig
 from .hashednets import HashedNetsConfig
-from .pq import PQConfig
+from .pq import PQConfig, PQLayout
 from .registry import available_methods, get_method, register_method, resolve_config
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "FreqRegConfig",
     "HashedNetsConfig",
     "PQConfig",
+    "PQLayout",
     "FunHashConfig",
     "FreshNetsConfig",
     "BinaryStackConfig",

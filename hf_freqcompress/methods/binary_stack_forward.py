@@ -12,11 +12,10 @@ selection names and sums them, scaled::
 Multiply-adds per output pixel and image, groups = 1: (a) N * C * K, (b)
 C * M * K for the transform plus N * S adds for the merge, so (b) can only win
 when M < N, and in practice also needs large spatial maps and batches for
-the gather to amortize. Measured on 2 CPU cores (benchmarks/mnist_slbf.py,
-M = 32-64, N = 32-128, batch 1000): (b) was 1.8x to 12x slower than (a) on
-every layer, because a conv with only d input channels and the memory-bound
-merge run far below oneDNN's dense-conv throughput; the MAC saving is real
-only for M well below N. :func:`choose_conv_forward` therefore measures both
+the gather to amortize: a conv with only d input channels and the
+memory-bound merge run far below oneDNN's dense-conv throughput, so on CPU
+(b) lost to (a) on every MNIST layer measured (benchmarks/mnist_slbf.py,
+docs/results/mnist_slbf.md); the MAC saving is real only for M well below N. :func:`choose_conv_forward` therefore measures both
 on the real activations and installs the faster one per layer (``mode``
 forces a path). The two agree to float rounding (different summation order).
 
@@ -41,7 +40,7 @@ from .binary_stack import BinaryStackWeight
 
 __all__ = ["binary_stack_conv2d", "ForwardChoice", "choose_conv_forward", "split_forward_layers"]
 
-FORWARD_MODES = ("auto", "materialize", "split")
+FORWARD_MODES = ("autotune", "materialize", "split")
 
 
 def _check_plain_conv2d(conv: nn.Module) -> None:
@@ -119,8 +118,9 @@ def _milliseconds(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def choose_conv_forward(model: nn.Module, *example_args: Any, mode: str = "auto", repeats: int = 3) -> list[ForwardChoice]:
-    """Time path (a) and (b) on every frozen binary_stack Conv2d and install the faster (or ``mode``'s) path.
+def choose_conv_forward(model: nn.Module, *example_args: Any, mode: str, repeats: int = 3) -> list[ForwardChoice]:
+    """Install path (b) (``mode="split"``) or (a) (``"materialize"``) on every frozen binary_stack Conv2d, or
+    time both and install the faster per layer (``"autotune"``: timings, so the choice may differ between runs).
 
     One forward of ``model(*example_args)`` captures each layer's input; both
     paths are then timed on it (best of ``repeats``; path (a) includes
@@ -153,7 +153,7 @@ def choose_conv_forward(model: nn.Module, *example_args: Any, mode: str = "auto"
         x = inputs[name]
         materialize_ms = _milliseconds(lambda: conv(x), repeats)
         split_ms = _milliseconds(lambda: binary_stack_conv2d(x, conv.parametrizations.weight[0], conv), repeats)
-        split = mode == "split" or (mode == "auto" and split_ms < materialize_ms)
+        split = mode == "split" or (mode == "autotune" and split_ms < materialize_ms)
         _install(conv, split)
         choices.append(ForwardChoice(name, materialize_ms, split_ms, "split" if split else "materialize"))
     return choices

@@ -78,7 +78,7 @@ import torch
 
 from ..budget import split_proportional
 from ..dct import dct, frequency_sum, idct, trailing_idct_matrix
-from ..hashing import bucket_of, chunk_slices, hash_bits, layer_key, sign_bit
+from ..hashing import bucket_of, chunk_tables, floor_divide, hash_bits_mixed, layer_key, mixed_key, sign_bit
 from .base import LayerSpec
 from .gather import gather_transform
 from .hashednets import HashedNetsConfig, HashedNetsWeight
@@ -149,22 +149,28 @@ def allocate_buckets(sizes: Sequence[int], buckets: int, config: FreshNetsConfig
 
 
 def fold_bands(
-    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
     offset: torch.Tensor, total: torch.Tensor,
 ) -> torch.Tensor:
-    """o_g + h_g(i) + K [s_g(i) < 0] for positions (filters, kernel_numel); per-column band keys, K_g and o_g."""
-    return offset + bucket_of(hash_bits(position, index_key), buckets) + total * sign_bit(hash_bits(position, sign_key))
+    """o_g + h_g(i) + K [s_g(i) < 0] for positions (filters, kernel_numel); per-column band keys (mixed:
+    :func:`~hf_freqcompress.hashing.mixed_key`), K_g and o_g."""
+    hashed = bucket_of(hash_bits_mixed(position, index_key), buckets)
+    return offset + hashed + total * sign_bit(hash_bits_mixed(position, sign_key))
 
 
 def fold_bands_local(
-    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
-    offset: torch.Tensor, total: torch.Tensor, kernel_numel: torch.Tensor, filters: torch.Tensor,
-    locality: torch.Tensor,
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+    offset: torch.Tensor, total: torch.Tensor, chunk: torch.Tensor, reciprocal: torch.Tensor,
+    table_offset: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`fold_bands` with each band's hash mapped into the slice of its table owned by the filter's chunk."""
-    first, count = chunk_slices(position[:, :1] // kernel_numel, filters, buckets, locality)
-    hashed = first + bucket_of(hash_bits(position, index_key), count)
-    return offset + hashed + total * sign_bit(hash_bits(position, sign_key))
+    """:func:`fold_bands` with each band's hash mapped into the slice of its table owned by the filter's chunk.
+
+    Unit u is filter u; band g (per column) cuts the filters into chunks of ``chunk`` and keeps chunk c's slice
+    at ``first / count[table_offset + c]`` (:func:`~hf_freqcompress.hashing.chunk_tables` per band).
+    """
+    entry = table_offset + floor_divide(unit, chunk, reciprocal)
+    hashed = first[entry] + bucket_of(hash_bits_mixed(position, index_key), count[entry])
+    return offset + hashed + total * sign_bit(hash_bits_mixed(position, sign_key))
 
 
 @register_method
@@ -196,8 +202,8 @@ class FreshNetsWeight(HashedNetsWeight):
             return super().hashed_index()
         offsets = [sum(self.band_buckets[:g]) for g in range(len(self.band_buckets))]
         per_band = [
-            [layer_key(self.seed, self.spec.name, f"index{g}") for g in range(len(offsets))],
-            [layer_key(self.seed, self.spec.name, f"sign{g}") for g in range(len(offsets))],
+            [mixed_key(layer_key(self.seed, self.spec.name, f"index{g}")) for g in range(len(offsets))],
+            [mixed_key(layer_key(self.seed, self.spec.name, f"sign{g}")) for g in range(len(offsets))],
             list(self.band_buckets),
             offsets,
         ]
@@ -205,10 +211,14 @@ class FreshNetsWeight(HashedNetsWeight):
         columns = [[row[g] for g in band] for row in per_band]
         kernel_numel = self.spec.kernel_numel
         filters = self.spec.numel // kernel_numel
-        if self.locality:
-            locality = -(-self.locality // kernel_numel)
-            return HashedIndex(fold_bands_local, (*columns, self.buckets, kernel_numel, filters, locality), filters, kernel_numel)
-        return HashedIndex(fold_bands, (*columns, self.buckets), filters, kernel_numel)
+        if not self.locality:
+            return HashedIndex(fold_bands, (*columns, self.buckets), filters, kernel_numel)
+        tables = [chunk_tables(filters, buckets, -(-self.locality // kernel_numel)) for buckets in self.band_buckets]
+        starts = [sum(len(t[1]) for t in tables[:g]) for g in range(len(tables))]
+        chunks = [[tables[g][0] for g in band], [1.0 / tables[g][0] for g in band], [starts[g] for g in band]]
+        flat = [sum((t[1] for t in tables), []), sum((t[2] for t in tables), [])]
+        params = (*columns, self.buckets, *chunks, *flat)
+        return HashedIndex(fold_bands_local, params, filters, kernel_numel)
 
     def _split_align(self) -> int:
         """Bands chunk their filters at different lengths, so no cut avoids sharing a bucket: any cut will do."""

@@ -45,9 +45,10 @@ g is folded into the gather: for each hash u and hidden unit d the small table
 T_ud = M[u, d] * cat(w, -w) (2K values) is gathered with the folded index
 h_u + K [xi_u < 0] and accumulated, so pre_d[i] = sum_u M[u, d] xi_u w[h_u(i)]
 (M = a for linear/sum, W1^T for mlp) costs U*D one-dimensional gathers whose
-backward is an index_add and saves only the index (1-D gathers: a 2-D
-row gather or embedding_bag was 8-20x slower to differentiate on CPU); large
-layers split each over the CPU threads (:func:`.gather.gather_rows`).
+backward is an index_add and needs no saved index (it is hashed again; 1-D
+gathers because a 2-D row gather or embedding_bag differentiates far slower
+on CPU, docs/results/mnist_mlp_funhash.md); large layers split each over the
+CPU threads (:func:`.gather.gather_rows`).
 Peak memory of a forward, in values of the weight dtype, for N virtual
 weights and D = 1 (linear, sum) or D = H = U/2 (mlp): at most N (2D + 2)
 (the D columns, one gather, the D tanh outputs and the result), of which
@@ -64,10 +65,6 @@ slope at 0, unit-RMS pre-activations so tanh is actually nonlinear) and one
 backtracked Gauss-Newton step refits w through the tanh. Bit-for-bit: every
 hash, the g init (a generator keyed by seed and layer name) and the fit are
 pure functions of (seed, layer name, dense weight).
-
-Not built: multi-hop (w itself virtual, rebuilt from a smaller space); the
-shared space already lets the budget move between layers, and there was no
-time left to measure whether a second hop adds to it.
 """
 
 from __future__ import annotations
@@ -202,11 +199,10 @@ class _Mlp(_Reconstruction):
     stopped learning. Hashed values are weight-sized (~0.01), where tanh is
     linear and g would be a linear g in disguise, so ``normalize_`` scales W1
     up and w2 down by the RMS of the pre-activations: the same slope at 0,
-    pre-activations of unit RMS, and tanh in its curved range (measured on
-    MNIST: 7.6% vs 8.8% test error after one epoch at 1/64). Keeping W1 and
-    w2 O(1) behind a separate fixed scale instead trained far worse (23% vs
-    8% error after one epoch on 784-1000-10): Adam's relatively large steps
-    on the small w2 are what let the layer's output scale adapt.
+    pre-activations of unit RMS, and tanh in its curved range. Keeping W1 and
+    w2 O(1) behind a separate fixed scale instead trains far worse: Adam's
+    relatively large steps on the small w2 are what let the layer's output
+    scale adapt (both comparisons: docs/results/mnist_mlp_funhash.md).
     """
 
     nonlinear = True

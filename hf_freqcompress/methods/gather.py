@@ -36,12 +36,11 @@ what it buys on vgg11_bn's 102.8M-weight conv). Peak extra memory is one chunk
 (``_CHUNK_ELEMENTS`` values).
 
 Narrow maps are widened: CPU BLAS (MKL) multiplies a tall matrix by a small
-one slowly when the small one is narrower than 16 columns (3x3 kernels: m =
-9 ran at 21-35x a copy of the same values, m = 16 at 6.5x), so ``k =
+one slowly when the small one is narrower than 16 columns, so ``k =
 ceil(16 / m)`` consecutive groups are multiplied at once by the
 block-diagonal ``diag(M, ..., M)`` (k m wide): k times the arithmetic, most
-of it on zeros, yet 2.8-3.5x faster for 3x3 kernels
-(``benchmarks/small_gemm.py``, docs/results/perf.md).
+of it on zeros, yet faster for 3x3 kernels (``benchmarks/small_gemm.py``,
+docs/results/perf.md).
 
 Large gathers (plain or transformed) run on every intra-op CPU thread, one
 contiguous range of units each, with one zeroed gradient table per range in
@@ -114,25 +113,49 @@ class _SortedGather(torch.autograd.Function):
         return segment_sum(grad.contiguous(), (order, starts)), None, None, None
 
 
-def _scatter_ranges(
-    shape: torch.Size, like: torch.Tensor, ranges: list[tuple[int, int]], scatter: Callable[[torch.Tensor, int, int], None]
+def _scatter(
+    source: IndexSource, shape: torch.Size, like: torch.Tensor, align: int,
+    values: Callable[[int, int], torch.Tensor], piece: int,
 ) -> torch.Tensor:
-    """Each range's ``scatter(zeroed table, start, stop)`` on its own table, summed in range order (:mod:`.parallel`)."""
+    """The gather's backward, ``table[index] += values``, the same bits every run.
 
-    def one_range(start: int, stop: int) -> torch.Tensor:
-        table = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        scatter(table, start, stop)
-        return table
+    Piece by piece (``piece`` units, all of them for a cached index): the
+    calling thread computes the piece's index and values (a compiled fold
+    runs on every thread by itself and holds the GIL), then each intra-op
+    thread scatters its own contiguous part of the piece, cut at multiples of
+    ``align``, with ``index_add_`` (which releases it) into its own zeroed
+    table; the tables are summed in order (:mod:`.parallel`).
+    """
+    tables: list[torch.Tensor] = []
+    for first in range(0, source.units, piece):
+        last = min(first + piece, source.units)
+        index, piece_values = source.rows(first, last, like.device).reshape(-1), values(first, last)
+        ranges = split_rows(last - first, source.width * math.prod(shape[1:]), align, like.device)
+        tables += [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in ranges[len(tables):]]
 
-    return sum_in_order(run_ranges(one_range, ranges))
+        def scatter(start: int, stop: int) -> None:
+            part = ranges.index((start, stop))
+            width = source.width
+            tables[part].index_add_(0, index[start * width : stop * width], piece_values[start * width : stop * width])
+
+        run_ranges(scatter, ranges)
+    return sum_in_order(tables)
+
+
+_PIECE_VALUES = 2**20  # values per backward piece of a hashed index: its int32 index takes 4 MiB
+
+
+def _piece(source: IndexSource, values_per_unit: int) -> int:
+    """Units per backward piece: a cached index is sliced for free; a hashed one is computed a piece at a time."""
+    return source.units if isinstance(source, CachedIndex) else max(1, _PIECE_VALUES // values_per_unit)
 
 
 class _SourceGather(torch.autograd.Function):
     """``table`` rows read by every unit of an :class:`~.index.IndexSource`; the backward scatters per range."""
 
     @staticmethod
-    def forward(ctx, table: torch.Tensor, source: IndexSource, ranges: list[tuple[int, int]]):
-        ctx.table_shape, ctx.source, ctx.ranges = table.shape, source, ranges
+    def forward(ctx, table: torch.Tensor, source: IndexSource, ranges: list[tuple[int, int]], align: int):
+        ctx.table_shape, ctx.source, ctx.align = table.shape, source, align
         if source.fused(table.device):  # one generated pass over every unit, on every thread
             return source.take(table, 0, source.units)
         width = source.width
@@ -144,11 +167,13 @@ class _SourceGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
         source: IndexSource = ctx.source
+        width = source.width
 
-        def scatter(table: torch.Tensor, start: int, stop: int) -> None:
-            source.scatter_add(table, grad, start, stop)
+        def values(start: int, stop: int) -> torch.Tensor:
+            return grad[start * width : stop * width]
 
-        return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
+        piece = _piece(source, width * math.prod(ctx.table_shape[1:]))
+        return _scatter(source, ctx.table_shape, grad, ctx.align, values, piece), None, None, None
 
 
 def gather_rows(table: torch.Tensor, source: IndexSource, plan: SortedRows | None = None, align: int = 1) -> torch.Tensor:
@@ -168,7 +193,7 @@ def gather_rows(table: torch.Tensor, source: IndexSource, plan: SortedRows | Non
     ranges = split_rows(source.units, source.width * math.prod(table.shape[1:]), align, table.device)
     if len(ranges) == 1 and isinstance(source, CachedIndex):
         return table.index_select(0, source.index)
-    return _SourceGather.apply(table, source, ranges)
+    return _SourceGather.apply(table, source, ranges, align)
 
 
 _MIN_PRODUCT_WIDTH = 16  # narrower right-hand matrices are widened block-diagonally (module docstring)
@@ -216,6 +241,8 @@ class _GatherTransform(torch.autograd.Function):
         row_map = _RowMap(matrix)
         ctx.ranges = split_rows(rows, width, _chunk_rows(width, row_map.groups), table.device)
         out = torch.empty(rows, width, dtype=table.dtype, device=table.device)
+        # a compiled fold and the products use every thread themselves; the pool serves the eager kernels
+        ranges = [(0, rows)] if source.fused(table.device) else ctx.ranges
 
         def transform(first: int, last: int) -> None:
             chunks, gathered = _chunks(first, last, width, row_map.groups, table)
@@ -224,7 +251,7 @@ class _GatherTransform(torch.autograd.Function):
                 source.take_into(table, start, stop, chunk.view(-1))
                 row_map.product(chunk, out[start:stop])
 
-        run_ranges(transform, ctx.ranges)
+        run_ranges(transform, ranges)
         return out
 
     @staticmethod
@@ -235,14 +262,12 @@ class _GatherTransform(torch.autograd.Function):
         width = source.width
         row_map = _RowMap(matrix.mT)
 
-        def scatter(grad_table: torch.Tensor, first: int, last: int) -> None:
-            chunks, transformed = _chunks(first, last, width, row_map.groups, grad)
-            for start, stop in chunks:
-                chunk = transformed[: stop - start]
-                row_map.product(grad[start:stop], chunk)
-                grad_table.index_add_(0, source.rows(start, stop, grad.device).reshape(-1), chunk.view(-1))
+        def values(start: int, stop: int) -> torch.Tensor:
+            transformed = torch.empty(stop - start, width, dtype=grad.dtype, device=grad.device)
+            row_map.product(grad[start:stop], transformed)
+            return transformed.view(-1)
 
-        return _scatter_ranges(ctx.table_shape, grad, ctx.ranges, scatter), None, None
+        return _scatter(source, ctx.table_shape, grad, 1, values, _piece(source, width)), None, None
 
 
 def gather_transform(table: torch.Tensor, source: IndexSource, matrix: torch.Tensor) -> torch.Tensor:

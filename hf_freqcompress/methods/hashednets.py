@@ -61,13 +61,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hashing import bucket_of, chunk_length, chunk_slices, hash32, hash_bits, layer_key, sign_bit
+from ..hashing import bucket_of, chunk_length, chunk_tables, floor_divide, hash32, hash_bits, layer_key, sign_bit
 from .base import CompressedWeight, MethodConfig
 from .gather import SortedRows, gather_rows, sort_rows
 from .index import CachedIndex, HashedIndex, IndexSource
 from .registry import register_method
 
-__all__ = ["HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means", "fold_signed", "fold_signed_local", "fold_patterned"]
+__all__ = [
+    "HashedNetsConfig", "HashedNetsWeight", "signed_bucket_means", "fold_signed", "fold_signed_local",
+    "fold_signed_local_shift", "fold_patterned",
+]
 
 BACKWARDS = ("auto", "scatter", "sorted")
 AUTO_LOCALITY = 65536
@@ -76,27 +79,41 @@ LOCAL_ABOVE_BUCKETS = 2**19
 """``locality="auto"`` hashes layers with more buckets than this cache-locally: a signed float32 table beyond 4 MiB."""
 
 
-def fold_signed(position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+def fold_signed(
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
+) -> torch.Tensor:
     """h(i) + K [s(i) < 0]: which of the 2K signed values position i reads (global hashing)."""
     return bucket_of(hash_bits(position, index_key), buckets) + buckets * sign_bit(hash_bits(position, sign_key))
 
 
 def fold_signed_local(
-    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, buckets: torch.Tensor,
-    numel: torch.Tensor, locality: torch.Tensor,
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor,
+    buckets: torch.Tensor, chunk: torch.Tensor, reciprocal: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`fold_signed` with the index hash mapped into the slice of the buckets owned by the position's chunk."""
-    first, count = chunk_slices(position, numel, buckets, locality)
-    return first + bucket_of(hash_bits(position, index_key), count) + buckets * sign_bit(hash_bits(position, sign_key))
+    """:func:`fold_signed` with the index hash mapped into the slice ``first[c], count[c]`` of the buckets that
+    the position's chunk c = position // chunk owns (:func:`~hf_freqcompress.hashing.chunk_tables`)."""
+    c = floor_divide(position, chunk, reciprocal)
+    hashed = first[c] + bucket_of(hash_bits(position, index_key), count[c])
+    return hashed + buckets * sign_bit(hash_bits(position, sign_key))
+
+
+def fold_signed_local_shift(
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor,
+    buckets: torch.Tensor, shift: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fold_signed_local` for chunks of 2**shift weights (``locality="auto"``'s): a shift, not a division."""
+    c = position >> shift
+    hashed = first[c] + bucket_of(hash_bits(position, index_key), count[c])
+    return hashed + buckets * sign_bit(hash_bits(position, sign_key))
 
 
 def fold_patterned(
-    position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, rows: torch.Tensor,
+    unit: torch.Tensor, position: torch.Tensor, index_key: torch.Tensor, sign_key: torch.Tensor, rows: torch.Tensor,
     pattern_key: torch.Tensor, patterns: torch.Tensor,
 ) -> torch.Tensor:
     """:func:`fold_signed` of a block, offset into the copy of the signed table of the block's sign pattern."""
     pattern = bucket_of(hash_bits(position, pattern_key), patterns)
-    return fold_signed(position, index_key, sign_key, rows) + 2 * rows * pattern
+    return fold_signed(unit, position, index_key, sign_key, rows) + 2 * rows * pattern
 
 
 def signed_bucket_means(weight: torch.Tensor, signed_index: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -223,7 +240,10 @@ class HashedNetsWeight(CompressedWeight):
         if self.sign_patterns > 1:
             return HashedIndex(fold_patterned, (*keys, self.rows, self._pattern_key, self.sign_patterns), self.blocks)
         if self.locality:
-            return HashedIndex(fold_signed_local, (*keys, self.rows, self.blocks, self.locality), self.blocks)
+            chunk, first, count = chunk_tables(self.blocks, self.rows, self.locality)
+            if chunk & (chunk - 1) == 0:
+                return HashedIndex(fold_signed_local_shift, (*keys, self.rows, chunk.bit_length() - 1, first, count), self.blocks)
+            return HashedIndex(fold_signed_local, (*keys, self.rows, chunk, 1.0 / chunk, first, count), self.blocks)
         return HashedIndex(fold_signed, (*keys, self.rows), self.blocks)
 
     def rebuild_caches(self, device: torch.device | None) -> None:

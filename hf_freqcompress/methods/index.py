@@ -34,15 +34,21 @@ from contextlib import contextmanager
 
 import torch
 
+from .parallel import in_worker
+
 __all__ = ["IndexSource", "CachedIndex", "HashedIndex", "Fold", "KERNELS_VARIABLE"]
 
+Param = int | float | Sequence[int] | Sequence[float]
+"""A fold constant: ints become int64 tensors, floats float64 (exact reciprocals for :func:`~hf_freqcompress.hashing.floor_divide`)."""
+
 Fold = Callable[..., torch.Tensor]
-"""``fold(position (rows, width) int64, *params) -> int64 (rows, width)``: the folded index of each position."""
+"""``fold(unit (rows, 1) int64, position (rows, width) int64, *params) -> int64 (rows, width)``: the folded index
+of each position; ``unit`` is each row's unit number (position // width, without dividing)."""
 
 KERNELS_VARIABLE = "HF_FREQCOMPRESS_KERNELS"
 """Environment variable: ``compile`` (default) fuses folds with torch.compile where it works; ``eager`` never compiles."""
 
-_CHUNK_UNITS = 2**16
+_CHUNK_UNITS = 2**18
 """Positions per eager chunk: the int64 temporaries stay in cache."""
 
 _failed_devices: set[str] = set()
@@ -59,7 +65,7 @@ class IndexSource:
     width: int
 
     def rows(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        """The index of units ``start`` .. ``stop - 1``, shape (stop - start, width), an integer tensor."""
+        """The index of units ``start`` .. ``stop - 1``, shape (stop - start, width), int32."""
         raise NotImplementedError
 
     def take_into(self, table: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> None:
@@ -75,14 +81,6 @@ class IndexSource:
         out = torch.empty(((stop - start) * self.width, *table.shape[1:]), dtype=table.dtype, device=table.device)
         self.take_into(table, start, stop, out)
         return out
-
-    def scatter_add(self, grad_table: torch.Tensor, grad: torch.Tensor, start: int, stop: int) -> None:
-        """``grad_table[index] += grad`` for units ``start`` .. ``stop - 1``, chunk by chunk (the gather's backward)."""
-        step = max(1, _CHUNK_UNITS // self.width)
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
-            index = self.rows(first, last, grad.device).reshape(-1)
-            grad_table.index_add_(0, index, grad[first * self.width : last * self.width])
 
     def materialize(self, device: torch.device | None) -> torch.Tensor:
         """The whole index as int32, ``(units * width,)``, built in chunks: what ``cache_indices=True`` keeps."""
@@ -119,12 +117,12 @@ class CachedIndex(IndexSource):
 class HashedIndex(IndexSource):
     """The folded index computed from ``fold`` on demand; nothing per unit is kept."""
 
-    def __init__(self, fold: Fold, params: Sequence[int | Sequence[int]], units: int, width: int = 1) -> None:
+    def __init__(self, fold: Fold, params: Sequence[Param], units: int, width: int = 1) -> None:
         if units * width >= 2**32:
             raise ValueError(f"a hashed layer holds fewer than 2**32 positions, got {units * width}")
         self.fold = fold
         self.units, self.width = units, width
-        self._params = {"cpu": tuple(torch.tensor(p, dtype=torch.int64) for p in params)}
+        self._params = {"cpu": tuple(_constant(p) for p in params)}
         self._pinned: CachedIndex | None = None
 
     @contextmanager
@@ -172,15 +170,31 @@ class HashedIndex(IndexSource):
             torch.index_select(table, 0, index, out=out[(first - start) * self.width : (last - start) * self.width])
 
     def _eager_rows(self, start: int, stop: int, device: torch.device) -> torch.Tensor:
-        return _fold_rows(self.fold, start, stop, self.width, device, *self.params(device))
+        """The fold chunk by chunk into an int32 result: the int64 temporaries never exceed a chunk."""
+        out = torch.empty(stop - start, self.width, dtype=torch.int32, device=device)
+        step = max(1, _CHUNK_UNITS // self.width)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            out[first - start : last - start] = _fold_rows(self.fold, first, last, self.width, device, *self.params(device))
+        return out
 
     def _eager_take(self, table: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         return IndexSource.take(self, table, start, stop)  # compiling has failed by now: the eager chunks run
 
 
+def _constant(value: Param) -> torch.Tensor:
+    first = value[0] if isinstance(value, Sequence) and value else value
+    return torch.tensor(value, dtype=torch.float64 if isinstance(first, float) else torch.int64)
+
+
 def _fold_rows(fold: Fold, start: int, stop: int, width: int, device: torch.device, *params: torch.Tensor) -> torch.Tensor:
-    position = torch.arange(start * width, stop * width, dtype=torch.int64, device=device).view(-1, width)
-    return fold(position, *params)
+    unit = torch.arange(start, stop, dtype=torch.int64, device=device).view(-1, 1)
+    return fold(unit, unit * width + torch.arange(width, dtype=torch.int64, device=device), *params)
+
+
+def _take(fold: Fold, table: torch.Tensor, start: int, stop: int, width: int, *params: torch.Tensor) -> torch.Tensor:
+    index = _fold_rows(fold, start, stop, width, table.device, *params).reshape(-1)
+    return torch.ops.aten._unsafe_index(table, [index])  # in range by construction: no per-element check
 
 
 def _compiles(device: torch.device) -> bool:
@@ -195,26 +209,41 @@ def _compiles(device: torch.device) -> bool:
 
 
 class _Kernels:
-    """The compiled ``take`` and ``rows`` of one fold, shared by every layer that uses the fold."""
+    """The compiled ``take`` and ``rows`` of one fold, shared by every layer that uses the fold.
+
+    Each comes twice: one generated loop that uses every thread, and a serial
+    one for calls from a pool thread that already runs one range of a split
+    gather (:func:`~.parallel.in_worker`), where a parallel loop per thread
+    would oversubscribe the cores.
+    """
 
     def __init__(self, fold: Fold) -> None:
+        # Separate functions (not one compiled twice): dynamo keys its cache on the code object.
         def take(table: torch.Tensor, start: int, stop: int, width: int, *params: torch.Tensor) -> torch.Tensor:
-            index = _fold_rows(fold, start, stop, width, table.device, *params).reshape(-1)
-            return torch.ops.aten._unsafe_index(table, [index])  # in range by construction: no per-element check
+            return _take(fold, table, start, stop, width, *params)
+
+        def take_serial(table: torch.Tensor, start: int, stop: int, width: int, *params: torch.Tensor) -> torch.Tensor:
+            return _take(fold, table, start, stop, width, *params)
 
         def rows(start: int, stop: int, width: int, *params: torch.Tensor) -> torch.Tensor:
-            return _fold_rows(fold, start, stop, width, params[0].device, *params)
+            return _fold_rows(fold, start, stop, width, params[0].device, *params).to(torch.int32)
 
-        self._take = torch.compile(take, dynamic=True, fullgraph=True)
-        self._rows = torch.compile(rows, dynamic=True, fullgraph=True)
+        def rows_serial(start: int, stop: int, width: int, *params: torch.Tensor) -> torch.Tensor:
+            return _fold_rows(fold, start, stop, width, params[0].device, *params).to(torch.int32)
+
+        serial = {"cpp.threads": 1}
+        self._take = (torch.compile(take, dynamic=True, fullgraph=True),
+                      torch.compile(take_serial, dynamic=True, fullgraph=True, options=serial))
+        self._rows = (torch.compile(rows, dynamic=True, fullgraph=True),
+                      torch.compile(rows_serial, dynamic=True, fullgraph=True, options=serial))
 
     def take(self, source: HashedIndex, table: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with torch.no_grad(), _RECOMPILES:
-            return self._take(table, start, stop, source.width, *source.params(table.device))
+            return self._take[in_worker()](table, start, stop, source.width, *source.params(table.device))
 
     def rows(self, source: HashedIndex, start: int, stop: int, device: torch.device) -> torch.Tensor:
         with torch.no_grad(), _RECOMPILES:
-            return self._rows(start, stop, source.width, *source.params(device))
+            return self._rows[in_worker()](start, stop, source.width, *source.params(device))
 
 
 @functools.cache

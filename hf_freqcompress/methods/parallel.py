@@ -15,21 +15,23 @@ cache-local hashing), and up to float rounding of those buckets otherwise.
 
 Only tensors of at least ``MIN_VALUES_PER_THREAD`` values per thread are
 split: below that, handing work to a thread costs more than it saves
-(``benchmarks/split_gather.py``: at 2 threads a split rebuild of 2**19 values
-took 0.76-0.85x the one-thread time, of 2**18 values 0.97-1.07x; docs/results/perf.md).
+(``benchmarks/split_gather.py``, docs/results/perf.md).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
 
-__all__ = ["MIN_VALUES_PER_THREAD", "run_ranges", "split_rows", "sum_in_order"]
+__all__ = ["MIN_VALUES_PER_THREAD", "run_ranges", "split_rows", "sum_in_order", "in_worker"]
+
+_worker = threading.local()
 
 MIN_VALUES_PER_THREAD = 2**18
 """Values a thread must get before a gather or scatter is split (1 MiB of float32)."""
@@ -60,10 +62,19 @@ def run_ranges(work: Callable[[int, int], Result], ranges: list[tuple[int, int]]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
     def in_callers_mode(bounds: tuple[int, int]) -> Result:
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            return work(*bounds)
+        _worker.active = True
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                return work(*bounds)
+        finally:
+            _worker.active = False
 
     return list(_pool(len(ranges)).map(in_callers_mode, ranges))
+
+
+def in_worker() -> bool:
+    """Whether this thread runs one of several ranges: work here should not start threads of its own."""
+    return getattr(_worker, "active", False)
 
 
 def sum_in_order(tables: list[torch.Tensor]) -> torch.Tensor:

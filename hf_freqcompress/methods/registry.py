@@ -2,15 +2,24 @@
 
 Like torchao's ``quantize_`` handlers, the config object picks the code that
 runs; nothing outside ``methods/`` branches on a method's name.
+
+Methods from other packages are found through the entry-point group
+:data:`ENTRY_POINT_GROUP`: a plugin declares
+``[project.entry-points."hf_freqcompress.methods"] mymethod = "mypkg.mymethod:MyWeight"``
+and its module is imported the first time a config or checkpoint names
+``mymethod`` (importing it runs its ``@register_method``).
 """
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Any
 
 from .base import CompressedWeight, MethodConfig
 
-__all__ = ["register_method", "get_method", "available_methods", "resolve_config"]
+__all__ = ["register_method", "get_method", "available_methods", "resolve_config", "ENTRY_POINT_GROUP"]
+
+ENTRY_POINT_GROUP = "hf_freqcompress.methods"
 
 _METHODS: dict[str, type[CompressedWeight]] = {}
 
@@ -27,14 +36,21 @@ def register_method(parametrization: type[CompressedWeight]) -> type[CompressedW
 
 
 def available_methods() -> list[str]:
-    return sorted(_METHODS)
+    """Registered methods and the ones installed plugins declare (not imported until used)."""
+    return sorted(set(_METHODS) | {point.name for point in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def get_method(name: str) -> type[CompressedWeight]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; available methods: {available_methods()}") from None
+    """The parametrization class of method ``name``, importing the plugin that declares it if needed."""
+    if name not in _METHODS:
+        for point in entry_points(group=ENTRY_POINT_GROUP, name=name):
+            point.load()  # the plugin module registers its methods as it is imported
+    if name not in _METHODS:
+        raise ValueError(
+            f"unknown method {name!r}; available methods: {available_methods()} (a checkpoint that names another "
+            f"method needs the package that provides it, declared under the {ENTRY_POINT_GROUP!r} entry points)"
+        )
+    return _METHODS[name]
 
 
 def resolve_config(method: str | MethodConfig | dict[str, Any]) -> MethodConfig:
