@@ -272,7 +272,7 @@ def test_choose_conv_forward_installs_and_removes_the_split_path():
     finalize(model)
     expected = model(x)
     choices = choose_conv_forward(model, x, mode="split")
-    assert [c.chosen for c in choices] == ["split", "split"] and all(c.split_ms > 0 for c in choices)
+    assert [c.chosen for c in choices] == ["split", "split"]
     assert split_forward_layers(model) == ["0", "2"]
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
     auto = choose_conv_forward(model, x, mode="autotune")
