@@ -17,7 +17,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFERRED_COLUMNS = (
-    "model", "method", "budget", "metric", "value", "dense_values", "stored_values", "stored_bits",
+    "model", "method", "variant", "budget", "metric", "value", "dense_values", "stored_values", "stored_bits",
     "other_values", "test_error_pct", "epochs", "seconds",
 )
 
@@ -45,8 +45,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _series_label(row: dict[str, Any], varying: list[str]) -> str:
+    return " ".join(str(row.get(key)) for key in varying)
+
+
 def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path | None:
-    """Test error vs stored values (log x), one line per method; seed-merged rows get their std as error bars."""
+    """Test error vs stored values (log x): one panel per model, one line per method (and variant and epochs where
+    those vary); seed-merged rows get their std as error bars."""
     points = [r for r in rows if "test_error_pct" in r and "stored_values" in r]
     if not points:
         return None
@@ -56,21 +61,23 @@ def plot_accuracy(name: str, rows: list[dict[str, Any]], out_dir: Path) -> Path 
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for method in sorted({r["method"] for r in points}):
-        series = sorted(
-            (r["stored_values"], r["test_error_pct"], r.get("test_error_pct_std", 0.0))
-            for r in points if r["method"] == method
-        )
-        axis.errorbar([s for s, _, _ in series], [e for _, e, _ in series], yerr=[d for _, _, d in series],
-                      marker="o", capsize=3, label=method)  # error bars: std over seeds, where merged
-    axis.set_xscale("log")
-    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap on short ranges
-    axis.set_xlabel("stored values (weights of the targeted layers)")
-    axis.set_ylabel("test error (%)")
-    axis.set_title(name)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
+    models = sorted({str(r.get("model")) for r in points})
+    varying = [key for key in ("method", "variant", "epochs") if len({r.get(key) for r in points}) > 1] or ["method"]
+    figure, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        own = [r for r in points if str(r.get("model")) == model]
+        for label in sorted({_series_label(r, varying) for r in own}):
+            series = sorted((r["stored_values"], r["test_error_pct"], r.get("test_error_pct_std", 0.0))
+                            for r in own if _series_label(r, varying) == label)
+            axis.errorbar([s for s, _, _ in series], [e for _, e, _ in series], yerr=[d for _, _, d in series],
+                          marker="o", capsize=3, label=label)  # error bars: std over seeds, where merged
+        axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
+        axis.set_xlabel("stored values (weights of the targeted layers)")
+        axis.set_ylabel("test error (%)")
+        axis.set_title(f"{name}: {model}" if len(models) > 1 else name)
+        axis.grid(True, alpha=0.3)
+        axis.legend(fontsize="small")
     path = out_dir / f"{name}.png"
     figure.tight_layout()
     figure.savefig(path, dpi=110)
