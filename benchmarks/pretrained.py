@@ -22,6 +22,7 @@ with each method (``init="preserve_norm"``), the FreshNets paper's setting
 of a convolution-dominated network.
 
     python benchmarks/pretrained.py --seed 0 --finetune --out /tmp/pretrained_s0.json
+    python benchmarks/pretrained.py --seed 0 --finetune --variants plain calibrated  # the fine-tuned rows only
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def one_shot(name: str, dense: nn.Module, data: tuple, args, calibration: list) 
     train_x, train_y, _, _ = data
     rows = [_row(name, "dense", "1", dense, data, "dense", 0, 0.0)]
     for method in args.methods:
-        variants = VARIANTS if method in ("hashednets", "freshnets") else LIGHT_VARIANTS
+        variants = [v for v in (VARIANTS if method in ("hashednets", "freshnets") else LIGHT_VARIANTS) if v in args.variants]
         for budget in args.budgets:
             for variant in variants:
                 options = dict(VARIANTS[variant])
@@ -140,6 +141,9 @@ def main() -> None:
     parser.add_argument("--nets", nargs="+", default=list(NETS))
     parser.add_argument("--budgets", nargs="+", default=list(BUDGETS))
     parser.add_argument("--methods", nargs="+", default=available_methods())
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="calibration variants to run (default: all; other methods than hashednets / freshnets "
+                             "run plain and calibrated only)")
     parser.add_argument("--finetune", action="store_true", help="one epoch of SGD after plain and calibrated")
     parser.add_argument("--scratch", action="store_true", help="train mnist_allconv from scratch with each method")
     parser.add_argument("--retrain", action="store_true", help="train the dense networks again instead of the cache")
